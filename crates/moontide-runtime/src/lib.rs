@@ -1,0 +1,45 @@
+//! Moontide's Lua runtime: everything that touches a Lua state lives in this crate.
+//!
+//! The life of a function, in the terms of wasmtime's `Engine → Module → Store`:
+//!
+//! - [`Engine`] — one per node: the node-wide `shared` dictionary, the outbound HTTP
+//!   client, the coarse clock that limits read.
+//! - [`compile`] → [`CompiledFunction`] — once per deployed version: every file of the
+//!   bundle is compiled to Luau bytecode; syntax errors come back with file and line. A
+//!   compiled function is immutable and shared (`Arc`) by every instance on every thread.
+//! - [`Instance`] — one sandboxed Luau state running one version of one function. Created
+//!   from the bytecode (no parsing), it runs the module-level (init) code once, then serves
+//!   calls one at a time. Before each call the limits are set: a wall-clock deadline
+//!   enforced by the interrupt and a timer, and a memory cap on the whole state.
+//!
+//! The function contract (DESIGN.md §1) — how a JSON payload or an HTTP request becomes
+//! the `event`, and how the handler's result becomes a response — is in [`contract`].
+//!
+//! This crate knows nothing about sockets, routing, pools or storage: it turns an event
+//! into a result under limits. Backend-specific code (Luau sandboxing, interrupt, memory
+//! accounting) is confined to [`sandbox`].
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod compile;
+pub mod contract;
+mod engine;
+mod instance;
+mod limits;
+pub mod modules;
+pub mod sandbox;
+
+pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
+pub use contract::{HttpRequest, HttpResponse};
+pub use engine::{Engine, EngineConfig};
+pub use instance::{CallError, Instance, InstanceError, InstanceSpec, LogLevel, LogSink};
+pub use limits::Limits;
+
+/// Installs the process-wide TLS crypto provider (ring) for outbound HTTPS; idempotent.
+/// Returns `true` if this call installed it.
+pub fn install_crypto_provider() -> bool {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_ok()
+}

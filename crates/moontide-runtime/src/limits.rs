@@ -1,0 +1,37 @@
+//! Per-call and per-instance limits, with safe defaults.
+
+use std::time::Duration;
+
+/// The limits one function version runs under. Every instance of the version gets the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget of one call (init phase included for the first call).
+    pub timeout: Duration,
+    /// Cap on the memory of one instance's Lua state, in bytes.
+    pub memory_bytes: usize,
+    /// Cap on one log line, in bytes (longer lines are cut and marked).
+    pub log_line_bytes: usize,
+    /// Cap on an outbound HTTP response body read by `http.request`, in bytes.
+    pub http_body_bytes: usize,
+}
+
+impl Limits {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
+    /// The smallest memory cap accepted: a Luau state with the modules loaded needs ~200 KB.
+    pub const MIN_MEMORY_BYTES: usize = 1 << 20;
+    pub const MAX_MEMORY_BYTES: usize = 4 << 30;
+    pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Self::DEFAULT_TIMEOUT,
+            memory_bytes: Self::DEFAULT_MEMORY_BYTES,
+            log_line_bytes: 16 << 10,
+            http_body_bytes: 10 << 20,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The `http` module: a non-blocking outbound HTTP client. The calling Lua coroutine
+//! yields while the request is in flight, so the instance waits without holding a thread.
+//!
+//! Lua API:
+//! - `http.request{url=, method="GET", headers={}, body=nil, timeout_ms=30000}` →
+//!   `{status=, headers={lower-case name = value}, body=}` or `nil, err`
+//! - `http.get(url [, opts])`, `http.post(url, body [, opts])`: shorthands.
+//!
+//! Only `http` and `https` URLs; response bodies above the function's cap are an error.
+
+use std::time::Duration;
+
+use mlua::{Lua, Table, Value};
+
+/// Longest an outbound request may take unless `timeout_ms` says otherwise (the call's
+/// own deadline still bounds it).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A response as read: status, headers, body.
+type ResponseParts = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
+
+/// One outbound request, copied out of Lua before the call yields.
+struct Outbound {
+    method: reqwest::Method,
+    url: reqwest::Url,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+}
+
+fn parse_request(
+    url: String,
+    opts: Option<Table>,
+    body: Option<Vec<u8>>,
+) -> Result<Outbound, String> {
+    let url = reqwest::Url::parse(&url).map_err(|e| format!("invalid url '{url}': {e}"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("unsupported url scheme '{}'", url.scheme()));
+    }
+    let mut request = Outbound {
+        method: reqwest::Method::GET,
+        url,
+        headers: Vec::new(),
+        body,
+        timeout: DEFAULT_TIMEOUT,
+    };
+    let Some(opts) = opts else {
+        return Ok(request);
+    };
+    let field = |name: &str| opts.raw_get::<Value>(name).map_err(|e| e.to_string());
+    match field("method")? {
+        Value::Nil => {}
+        Value::String(s) => {
+            request.method = reqwest::Method::from_bytes(&s.as_bytes().to_ascii_uppercase())
+                .map_err(|_| "invalid method".to_string())?;
+        }
+        other => {
+            return Err(format!(
+                "method must be a string, got {}",
+                other.type_name()
+            ));
+        }
+    }
+    match field("headers")? {
+        Value::Nil => {}
+        Value::Table(headers) => {
+            for pair in headers.pairs::<mlua::LuaString, Value>() {
+                let (name, value) = pair.map_err(|e| format!("headers: {e}"))?;
+                let value = match value {
+                    Value::String(s) => s.as_bytes().to_vec(),
+                    Value::Number(n) => n.to_string().into_bytes(),
+                    Value::Integer(i) => i.to_string().into_bytes(),
+                    Value::Boolean(b) => b.to_string().into_bytes(),
+                    other => {
+                        return Err(format!(
+                            "header values must be strings, got {}",
+                            other.type_name()
+                        ));
+                    }
+                };
+                request.headers.push((name.to_string_lossy(), value));
+            }
+        }
+        other => {
+            return Err(format!(
+                "headers must be a table, got {}",
+                other.type_name()
+            ));
+        }
+    }
+    match field("body")? {
+        Value::Nil => {}
+        Value::String(s) => request.body = Some(s.as_bytes().to_vec()),
+        other => return Err(format!("body must be a string, got {}", other.type_name())),
+    }
+    match field("timeout_ms")? {
+        Value::Nil => {}
+        Value::Number(n) if n > 0.0 => request.timeout = Duration::from_secs_f64(n / 1000.0),
+        Value::Integer(n) if n > 0 => request.timeout = Duration::from_millis(n as u64),
+        _ => return Err("timeout_ms must be a positive number".to_string()),
+    }
+    Ok(request)
+}
+
+async fn perform(
+    client: &reqwest::Client,
+    request: Outbound,
+    body_cap: usize,
+) -> Result<ResponseParts, String> {
+    let mut builder = client
+        .request(request.method, request.url)
+        .timeout(request.timeout);
+    for (name, value) in request.headers {
+        builder = builder.header(name, value);
+    }
+    if let Some(body) = request.body {
+        builder = builder.body(body);
+    }
+    let mut response = builder.send().await.map_err(|e| describe(&e))?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+        .collect();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > body_cap {
+            return Err(format!("response body is larger than {body_cap} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, headers, body))
+}
+
+fn describe(error: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    message
+}
+
+fn response_table(lua: &Lua, (status, headers, body): ResponseParts) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, 3)?;
+    table.raw_set("status", status)?;
+    let header_table = lua.create_table_with_capacity(0, headers.len())?;
+    for (name, value) in headers {
+        // Repeated headers are joined as HTTP allows (`, `).
+        let joined = match header_table.raw_get::<Option<mlua::LuaString>>(name.as_str())? {
+            Some(previous) => {
+                let mut bytes = previous.as_bytes().to_vec();
+                bytes.extend_from_slice(b", ");
+                bytes.extend_from_slice(&value);
+                bytes
+            }
+            None => value,
+        };
+        header_table.raw_set(name, lua.create_string(&joined)?)?;
+    }
+    table.raw_set("headers", header_table)?;
+    table.raw_set("body", lua.create_string(&body)?)?;
+    Ok(table)
+}
+
+/// Builds the `http` module table over the node's shared client.
+pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, 3)?;
+
+    let run = move |client: reqwest::Client, lua: Lua, parsed: Result<Outbound, String>| async move {
+        let request = match parsed {
+            Ok(request) => request,
+            Err(message) => return Ok((Value::Nil, Some(message))),
+        };
+        match perform(&client, request, body_cap).await {
+            Ok(parts) => Ok((Value::Table(response_table(&lua, parts)?), None)),
+            Err(message) => Ok((Value::Nil, Some(message))),
+        }
+    };
+
+    let request_client = client.clone();
+    table.raw_set(
+        "request",
+        lua.create_async_function(move |lua, opts: Table| {
+            let parsed = opts
+                .raw_get::<Option<String>>("url")
+                .map_err(|e| e.to_string())
+                .and_then(|url| url.ok_or_else(|| "url is required".to_string()))
+                .and_then(|url| parse_request(url, Some(opts), None));
+            run(request_client.clone(), lua, parsed)
+        })?,
+    )?;
+    let get_client = client.clone();
+    table.raw_set(
+        "get",
+        lua.create_async_function(move |lua, (url, opts): (String, Option<Table>)| {
+            let parsed = parse_request(url, opts, None);
+            run(get_client.clone(), lua, parsed)
+        })?,
+    )?;
+    table.raw_set(
+        "post",
+        lua.create_async_function(
+            move |lua, (url, body, opts): (String, mlua::LuaString, Option<Table>)| {
+                let parsed =
+                    parse_request(url, opts, Some(body.as_bytes().to_vec())).map(|mut r| {
+                        if r.method == reqwest::Method::GET {
+                            r.method = reqwest::Method::POST;
+                        }
+                        r
+                    });
+                run(client.clone(), lua, parsed)
+            },
+        )?,
+    )?;
+    Ok(table)
+}

@@ -1,0 +1,278 @@
+//! The Luau backend: how a tenant's Lua state is built, sandboxed and limited.
+//!
+//! This is the only module that knows Luau specifics (DESIGN.md §2: keep backend code in
+//! one place so another backend could be added behind a feature). It builds a state from
+//! the safe standard library only, replaces the globals that could reach the host
+//! (`require` → built-in and bundle modules only; `print` → the function log; `load` → a
+//! text-only shim over `loadstring`), then turns on Luau's sandbox mode (read-only
+//! libraries, read-only string metatable, per-state global proxy) and finally the memory
+//! cap.
+//!
+//! What a tenant cannot do here: `io`, `debug`, `os.execute/exit/remove` (Luau's `os` has
+//! only `clock/date/difftime/time`), `loadfile`, `dofile`, `string.dump`, binary chunks
+//! (`loadstring` only compiles text), `require` of files or C modules, or changing a shared
+//! library or the string metatable.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+
+use mlua::chunk::{ChunkMode, Compiler};
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
+
+use crate::clock;
+use crate::compile::{CompiledFunction, CompiledModule};
+use crate::engine::Engine;
+use crate::instance::LogSink;
+use crate::limits::Limits;
+use crate::modules;
+use crate::modules::log::EmitLog;
+
+/// How often a long-running call yields back to the I/O loop of its thread, in coarse
+/// clock milliseconds, so one CPU-bound call cannot starve the other requests it shares a
+/// thread with.
+pub const TIMESLICE_MS: u64 = 2;
+
+/// The limit a call broke, recorded by the interrupt or the allocator before the error
+/// unwinds, so that a tenant catching the error with `pcall` does not hide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    Timeout,
+}
+
+/// Per-instance call state shared with the interrupt and the log functions.
+#[derive(Debug)]
+pub(crate) struct CallState {
+    /// Coarse-clock millisecond at which the current call times out (`u64::MAX`: idle).
+    pub deadline_ms: Cell<u64>,
+    /// Coarse-clock millisecond after which the call yields to the I/O loop.
+    pub slice_end_ms: Cell<u64>,
+    pub limit_hit: Cell<Option<LimitHit>>,
+    /// The request id of the call in progress, for log lines.
+    pub request_id: RefCell<Rc<str>>,
+}
+
+impl CallState {
+    fn new() -> CallState {
+        CallState {
+            deadline_ms: Cell::new(u64::MAX),
+            slice_end_ms: Cell::new(u64::MAX),
+            limit_hit: Cell::new(None),
+            request_id: RefCell::new(Rc::from("init")),
+        }
+    }
+
+    pub fn begin(&self, request_id: &str, deadline_ms: u64) {
+        *self.request_id.borrow_mut() = Rc::from(request_id);
+        self.deadline_ms.set(deadline_ms);
+        self.slice_end_ms.set(clock::now_ms() + TIMESLICE_MS);
+        self.limit_hit.set(None);
+    }
+
+    pub fn end(&self) {
+        self.deadline_ms.set(u64::MAX);
+        self.slice_end_ms.set(u64::MAX);
+    }
+
+    /// Milliseconds left in the current call (0 when past the deadline or idle).
+    pub fn remaining_ms(&self) -> u64 {
+        let deadline = self.deadline_ms.get();
+        if deadline == u64::MAX {
+            return 0;
+        }
+        deadline.saturating_sub(clock::precise_now_ms())
+    }
+}
+
+/// What the sandbox needs to know about the function it hosts.
+pub(crate) struct SandboxSpec<'a> {
+    pub engine: &'a Engine,
+    pub function: &'a Arc<CompiledFunction>,
+    pub limits: Limits,
+    pub env: &'a Arc<BTreeMap<String, String>>,
+    pub log: Arc<dyn LogSink>,
+}
+
+/// A built, sandboxed state with the function's main chunk loaded (not yet run).
+pub(crate) struct Sandbox {
+    pub lua: Lua,
+    pub main: Function,
+    pub state: Rc<CallState>,
+    pub emit_log: EmitLog,
+}
+
+/// Builds a fresh sandboxed Luau state for one instance.
+pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
+    let libs = StdLib::COROUTINE
+        | StdLib::TABLE
+        | StdLib::OS
+        | StdLib::STRING
+        | StdLib::UTF8
+        | StdLib::BIT
+        | StdLib::MATH
+        | StdLib::BUFFER;
+    let lua = Lua::new_with(libs, LuaOptions::default())?;
+    let state = Rc::new(CallState::new());
+    let globals = lua.globals();
+
+    // Logging: `print`, `log.*` and `ctx.log` all end here, tagged with the request id.
+    let line_cap = spec.limits.log_line_bytes;
+    let sink = spec.log.clone();
+    let log_state = state.clone();
+    let emit_log: EmitLog = Rc::new(move |level, message: &str| {
+        let request_id = log_state.request_id.borrow().clone();
+        if message.len() > line_cap {
+            let mut cut = line_cap;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let line = format!("{}… [{} bytes cut]", &message[..cut], message.len() - cut);
+            sink.log(level, &request_id, &line);
+        } else {
+            sink.log(level, &request_id, message);
+        }
+    });
+
+    globals.raw_set(
+        "print",
+        modules::log::print_function(&lua, emit_log.clone())?,
+    )?;
+    globals.raw_set("debug", Value::Nil)?;
+    globals.raw_set("require", require_function(&lua, &spec, emit_log.clone())?)?;
+    globals.raw_set("load", load_shim(&lua)?)?;
+
+    // `os.getenv` reads the function's own environment (its secrets), nothing else.
+    let env = spec.env.clone();
+    let os: Table = globals.raw_get("os")?;
+    os.raw_set(
+        "getenv",
+        lua.create_function(move |_, name: String| Ok(env.get(&name).cloned()))?,
+    )?;
+
+    lua.sandbox(true)?;
+
+    let interrupt_state = state.clone();
+    lua.set_interrupt(move |_| {
+        let now = clock::now_ms();
+        if now >= interrupt_state.deadline_ms.get() {
+            interrupt_state.limit_hit.set(Some(LimitHit::Timeout));
+            return Err(mlua::Error::runtime("function timed out"));
+        }
+        if now >= interrupt_state.slice_end_ms.get() {
+            interrupt_state.slice_end_ms.set(now + TIMESLICE_MS);
+            return Ok(VmState::Yield);
+        }
+        Ok(VmState::Continue)
+    });
+
+    let main = load_module(&lua, &spec.function.main)?;
+    lua.set_memory_limit(spec.limits.memory_bytes)?;
+    Ok(Sandbox {
+        lua,
+        main,
+        state,
+        emit_log,
+    })
+}
+
+/// Loads one compiled module as a function (its chunk name is its file).
+fn load_module(lua: &Lua, module: &CompiledModule) -> mlua::Result<Function> {
+    lua.load(&module.bytecode[..])
+        .set_name(format!("={}", module.file))
+        .set_mode(ChunkMode::Binary)
+        .into_function()
+}
+
+/// `require(name)`: the bundle's own modules first (an explicit file wins), then the
+/// built-ins. Each module runs once per instance; its result is cached.
+fn require_function(
+    lua: &Lua,
+    spec: &SandboxSpec<'_>,
+    emit_log: EmitLog,
+) -> mlua::Result<Function> {
+    let function = spec.function.clone();
+    let engine_shared = spec.engine.shared_dict();
+    let http_client = spec.engine.http_client();
+    let http_body_cap = spec.limits.http_body_bytes;
+    let loaded: RefCell<HashMap<String, Value>> = RefCell::new(HashMap::new());
+    let loading: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    lua.create_function(move |lua, name: String| {
+        if let Some(value) = loaded.borrow().get(&name) {
+            return Ok(value.clone());
+        }
+        if loading.borrow().contains(&name) {
+            return Err(mlua::Error::runtime(format!(
+                "require: module '{name}' is required while it loads (circular require)"
+            )));
+        }
+        let value = if let Some(module) = function.modules.get(&name) {
+            loading.borrow_mut().push(name.clone());
+            let result = load_module(lua, module).and_then(|f| f.call::<Value>(()));
+            loading.borrow_mut().pop();
+            match result? {
+                Value::Nil => Value::Boolean(true),
+                other => other,
+            }
+        } else {
+            let table = match name.as_str() {
+                "json" => modules::json::module(lua)?,
+                "crypto" => modules::crypto::module(lua)?,
+                "time" => modules::time::module(lua)?,
+                "shared" => modules::shared::module(lua, engine_shared.clone())?,
+                "log" => modules::log::module(lua, emit_log.clone())?,
+                "http" => modules::http::module(lua, http_client.clone(), http_body_cap)?,
+                _ => {
+                    return Err(mlua::Error::runtime(format!(
+                        "module '{name}' not found: not a built-in module (json, http, shared, \
+                         log, time, crypto) and not a file of this bundle"
+                    )));
+                }
+            };
+            table.set_readonly(true);
+            Value::Table(table)
+        };
+        loaded.borrow_mut().insert(name, value.clone());
+        Ok(value)
+    })
+}
+
+/// Lua 5.2+'s `load(chunk [, chunkname [, mode [, env]]])` over Luau's text-only
+/// `loadstring`, so code written for newer Luas runs. Returns `nil, message` on error like
+/// the real one. Binary chunks are refused.
+fn load_shim(lua: &Lua) -> mlua::Result<Function> {
+    static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
+    const SOURCE: &str = r#"
+local loadstring, setfenv, type, concat, pcall = loadstring, setfenv, type, table.concat, pcall
+return function(chunk, chunkname, mode, env)
+  if type(chunk) == "function" then
+    local parts = {}
+    while true do
+      local piece = chunk()
+      if piece == nil or piece == "" then break end
+      if type(piece) ~= "string" then return nil, "reader function must return a string" end
+      parts[#parts + 1] = piece
+    end
+    chunk = concat(parts)
+  elseif type(chunk) ~= "string" then
+    return nil, "bad argument #1 to 'load' (string expected, got " .. type(chunk) .. ")"
+  end
+  if mode ~= nil and type(mode) == "string" and not mode:find("t", 1, true) then
+    return nil, "attempt to load a text chunk (mode is '" .. mode .. "')"
+  end
+  local ok, fn = pcall(loadstring, chunk, chunkname or "=(load)")
+  if not ok then return nil, fn end
+  if env ~= nil then setfenv(fn, env) end
+  return fn
+end
+"#;
+    let bytecode = BYTECODE.get_or_init(|| {
+        Compiler::new()
+            .compile(SOURCE)
+            .expect("the load shim compiles")
+    });
+    lua.load(&bytecode[..])
+        .set_name("=load")
+        .set_mode(ChunkMode::Binary)
+        .call(())
+}

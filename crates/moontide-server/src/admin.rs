@@ -1,0 +1,644 @@
+//! The admin API (DESIGN.md §4): JSON over HTTP with a bearer token, served by axum on the
+//! admin listener (loopback by default). It validates and stores; it never runs Lua itself
+//! (`invoke` is handed to a data-plane worker) and never touches the serving snapshot
+//! except to wait until a write it made is being served.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use moontide_runtime::{FunctionSource, compile};
+use moontide_store::{Compare, Op, Store};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use crate::api::{DeployRequest, FieldError, RollbackRequest, validate_function_name};
+use crate::errors::ApiError;
+use crate::records::{self, FunctionRecord, VersionRecord};
+use crate::registry::Registry;
+use crate::worker::{Job, Workers};
+
+/// The OpenAPI document served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every admin route as `(method, path)`, in the OpenAPI document's path syntax. A test
+/// checks this list, the router and the document agree.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/status"),
+    ("GET", "/v1/functions"),
+    ("GET", "/v1/functions/{name}"),
+    ("PUT", "/v1/functions/{name}"),
+    ("DELETE", "/v1/functions/{name}"),
+    ("GET", "/v1/functions/{name}/versions"),
+    ("POST", "/v1/functions/{name}/rollback"),
+    ("POST", "/v1/functions/{name}/invoke"),
+    ("GET", "/v1/functions/{name}/logs"),
+];
+
+/// Largest admin request body (a bundle is at most 8 MiB of source, JSON-escaped).
+const MAX_ADMIN_BODY: usize = 24 << 20;
+/// How long a write waits for the data plane to serve it before answering anyway.
+const SERVE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the admin handlers share.
+pub struct AdminState {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub workers: Arc<Workers>,
+    pub token: String,
+    pub started: Instant,
+    pub node: serde_json::Value,
+}
+
+type Shared = State<Arc<AdminState>>;
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    let authed = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/functions", get(list_functions))
+        .route(
+            "/v1/functions/{name}",
+            get(function_info).put(deploy).delete(remove_function),
+        )
+        .route("/v1/functions/{name}/versions", get(versions))
+        .route("/v1/functions/{name}/rollback", post(rollback))
+        .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/functions/{name}/logs", get(logs))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(authed)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): Shared,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) {
+        next.run(request).await
+    } else {
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token (see <data-dir>/admin.token)",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+async fn readyz(State(state): Shared) -> Response {
+    if state.registry.is_ready() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): Shared) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.registry.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Parses a JSON body, naming the offending field's path on error.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(vec![FieldError::new(
+            "",
+            "request body is empty; expected JSON",
+        )]));
+    }
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ApiError::invalid(vec![FieldError::new(path, error.inner().to_string())])
+    })
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    validate_function_name(name)
+        .map_err(|message| ApiError::invalid(vec![FieldError::new("name", message)]))
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
+async fn read_head(
+    store: &dyn Store,
+    name: &str,
+) -> Result<Option<(FunctionRecord, u64)>, ApiError> {
+    let Some(kv) = store.get(&records::head_key(name)).await? else {
+        return Ok(None);
+    };
+    let record = serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("corrupt function record: {e}")))?;
+    Ok(Some((record, kv.mod_revision)))
+}
+
+async fn read_versions(store: &dyn Store, name: &str) -> Result<Vec<VersionRecord>, ApiError> {
+    let (kvs, _) = store.range(&records::versions_prefix(name)).await?;
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(&kv.value)
+                .map_err(|e| ApiError::internal(format!("corrupt version record: {e}")))
+        })
+        .collect()
+}
+
+async fn status(State(state): Shared) -> Response {
+    let snapshot = state.registry.snapshot();
+    let mut functions: Vec<_> = snapshot
+        .functions
+        .values()
+        .map(|f| json!({"name": &*f.name, "version": f.version, "live_instances": f.pool.live()}))
+        .collect();
+    functions.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    json_response(
+        StatusCode::OK,
+        json!({
+            "node": state.node,
+            "uptime_ms": state.started.elapsed().as_millis() as u64,
+            "ready": state.registry.is_ready(),
+            "config_revision": snapshot.revision,
+            "functions": functions,
+        }),
+    )
+}
+
+async fn list_functions(State(state): Shared) -> Result<Response, ApiError> {
+    let (heads, revision) = state.store.range(records::HEAD_PREFIX).await?;
+    let snapshot = state.registry.snapshot();
+    let mut list = Vec::with_capacity(heads.len());
+    for kv in heads {
+        let head: FunctionRecord = serde_json::from_slice(&kv.value)
+            .map_err(|e| ApiError::internal(format!("corrupt function record: {e}")))?;
+        let deployed = snapshot.functions.get(head.name.as_str());
+        list.push(json!({
+            "name": head.name,
+            "active_version": head.active_version,
+            "latest_version": head.latest_version,
+            "updated_at_ms": head.updated_at_ms,
+            "route": deployed.and_then(|f| f.config.route.clone()),
+            "live_instances": deployed.map(|f| f.pool.live()).unwrap_or(0),
+        }));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"functions": list, "revision": revision}),
+    ))
+}
+
+async fn function_info(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (head, _) = read_head(&*state.store, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("function", &name))?;
+    let active = state
+        .store
+        .get(&records::version_key(&name, head.active_version))
+        .await?
+        .ok_or_else(|| ApiError::internal("active version record is missing"))?;
+    let active: VersionRecord = serde_json::from_slice(&active.value)
+        .map_err(|e| ApiError::internal(format!("corrupt version record: {e}")))?;
+    let snapshot = state.registry.snapshot();
+    let deployed = snapshot.functions.get(name.as_str());
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "name": head.name,
+            "active_version": head.active_version,
+            "latest_version": head.latest_version,
+            "created_at_ms": head.created_at_ms,
+            "updated_at_ms": head.updated_at_ms,
+            "active": active.summary(true),
+            "serving_version": deployed.map(|f| f.version),
+            "live_instances": deployed.map(|f| f.pool.live()).unwrap_or(0),
+            "url_path": format!("/fn/{name}"),
+        }),
+    ))
+}
+
+async fn deploy(
+    State(state): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let request: DeployRequest = parse_body(&body)?;
+    let mut errors = Vec::new();
+    let config = request.config.resolve("config.", &mut errors);
+    let (files, source_path) = match (request.source, request.files) {
+        (Some(source), None) => (FunctionSource::single(source).files, "source"),
+        (None, Some(files)) => (files, "files"),
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new(
+                "source",
+                "give either source or files, not both",
+            ));
+            (Default::default(), "source")
+        }
+        (None, None) => {
+            errors.push(FieldError::new(
+                "source",
+                "required: the function's Lua source (or files)",
+            ));
+            (Default::default(), "source")
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let source = FunctionSource { files };
+    if let Err(compile_errors) = compile(&source) {
+        let first = &compile_errors[0];
+        let path = if source_path == "source" {
+            "source".to_string()
+        } else {
+            format!("files.{}", first.file)
+        };
+        return Err(
+            ApiError::new(StatusCode::BAD_REQUEST, "compile_error", first.to_string())
+                .with_details(json!({
+                    "path": path,
+                    "errors": compile_errors
+                        .iter()
+                        .map(|e| json!({"file": e.file, "line": e.line, "message": e.message}))
+                        .collect::<Vec<_>>(),
+                })),
+        );
+    }
+
+    // Optimistic concurrency on the head record: a racing deploy retries.
+    for _ in 0..8 {
+        let now = records::now_ms();
+        let head = read_head(&*state.store, &name).await?;
+        let (created_at_ms, next_version, head_revision) = match &head {
+            Some((record, revision)) => {
+                (record.created_at_ms, record.latest_version + 1, *revision)
+            }
+            None => (now, 1, 0),
+        };
+        let version = VersionRecord {
+            name: name.clone(),
+            version: next_version,
+            sha256: records::source_digest(&source.files),
+            files: source.files.clone(),
+            config: config.clone(),
+            created_at_ms: now,
+        };
+        let head_record = FunctionRecord {
+            name: name.clone(),
+            active_version: next_version,
+            latest_version: next_version,
+            created_at_ms,
+            updated_at_ms: now,
+        };
+        let mut ops = vec![
+            Op::Put {
+                key: records::version_key(&name, next_version),
+                value: serde_json::to_vec(&version)
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            },
+            Op::Put {
+                key: records::head_key(&name),
+                value: serde_json::to_vec(&head_record)
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            },
+        ];
+        // Retention: keep the newest versions (the new one included).
+        if head.is_some() {
+            let (existing, _) = state.store.range(&records::versions_prefix(&name)).await?;
+            let excess = (existing.len() + 1).saturating_sub(records::VERSION_RETENTION);
+            for kv in existing.iter().take(excess) {
+                ops.push(Op::Delete {
+                    key: kv.key.clone(),
+                });
+            }
+        }
+        let outcome = state
+            .store
+            .txn(
+                vec![Compare::ModRevision(
+                    records::head_key(&name),
+                    head_revision,
+                )],
+                ops,
+            )
+            .await?;
+        if outcome.succeeded {
+            state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+            return Ok(json_response(
+                StatusCode::CREATED,
+                json!({"name": name, "version": next_version, "revision": outcome.revision}),
+            ));
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "the function kept changing while deploying; try again",
+    ))
+}
+
+async fn remove_function(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some((_, head_revision)) = read_head(&*state.store, &name).await? else {
+        return Err(ApiError::not_found("function", &name));
+    };
+    let outcome = state
+        .store
+        .txn(
+            vec![Compare::ModRevision(
+                records::head_key(&name),
+                head_revision,
+            )],
+            vec![
+                Op::Delete {
+                    key: records::head_key(&name),
+                },
+                Op::DeletePrefix {
+                    prefix: records::versions_prefix(&name),
+                },
+            ],
+        )
+        .await?;
+    if !outcome.succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the function changed; try again",
+        ));
+    }
+    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.registry.logs.remove(&name);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn versions(State(state): Shared, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (head, _) = read_head(&*state.store, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("function", &name))?;
+    let list: Vec<_> = read_versions(&*state.store, &name)
+        .await?
+        .iter()
+        .map(|v| v.summary(v.version == head.active_version))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"name": name, "active_version": head.active_version, "versions": list}),
+    ))
+}
+
+async fn rollback(
+    State(state): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: RollbackRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let (head, head_revision) = read_head(&*state.store, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("function", &name))?;
+    let kept: Vec<u64> = read_versions(&*state.store, &name)
+        .await?
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    let target = match request.to {
+        Some(version) if kept.contains(&version) => version,
+        Some(version) => {
+            return Err(ApiError::invalid(vec![FieldError::new(
+                "to",
+                format!("version {version} does not exist (kept: {kept:?})"),
+            )]));
+        }
+        None => *kept
+            .iter()
+            .filter(|v| **v < head.active_version)
+            .max()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no_previous_version",
+                    format!(
+                        "version {} is the oldest kept; nothing to roll back to",
+                        head.active_version
+                    ),
+                )
+            })?,
+    };
+    let record = FunctionRecord {
+        active_version: target,
+        updated_at_ms: records::now_ms(),
+        ..head.clone()
+    };
+    let outcome = state
+        .store
+        .txn(
+            vec![Compare::ModRevision(
+                records::head_key(&name),
+                head_revision,
+            )],
+            vec![Op::Put {
+                key: records::head_key(&name),
+                value: serde_json::to_vec(&record)
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            }],
+        )
+        .await?;
+    if !outcome.succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the function changed; try again",
+        ));
+    }
+    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"name": name, "version": target, "previous_version": head.active_version, "revision": outcome.revision}),
+    ))
+}
+
+async fn invoke(
+    State(state): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let payload: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::invalid(vec![FieldError::new(
+                "",
+                format!("the event must be JSON: {e}"),
+            )])
+        })?
+    };
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("inv-{:016x}", rand::random::<u64>()));
+    let (reply, result) = oneshot::channel();
+    state.workers.submit(Job::Invoke {
+        name,
+        payload,
+        request_id: request_id.clone(),
+        reply,
+    })?;
+    let output = result
+        .await
+        .map_err(|_| ApiError::internal("the worker dropped the call"))??;
+    let mut response = Response::new(Body::from(output.body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("x-moontide-version", HeaderValue::from(output.version));
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    follow: Option<String>,
+    tail: Option<usize>,
+}
+
+async fn logs(
+    State(state): Shared,
+    Path(name): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::invalid(vec![FieldError::new("query", e.body_text())]))?;
+    let follow = matches!(query.follow.as_deref(), Some("1" | "true" | "yes"));
+    let log = match state.registry.logs.get(&name) {
+        Some(log) => log,
+        None if read_head(&*state.store, &name).await?.is_some() => {
+            state.registry.logs.function(&name)
+        }
+        None => return Err(ApiError::not_found("function", &name)),
+    };
+    let line = |record: &crate::logs::LogRecord| {
+        let mut text = serde_json::to_vec(record).unwrap_or_default();
+        text.push(b'\n');
+        Bytes::from(text)
+    };
+    let backlog: Vec<Bytes> = log
+        .tail(query.tail.unwrap_or(100))
+        .iter()
+        .map(line)
+        .collect();
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !follow {
+        return Ok((ndjson, backlog.concat()).into_response());
+    }
+    let live = tokio_stream::wrappers::BroadcastStream::new(log.follow()).filter_map(move |item| {
+        let bytes = item.ok().map(|record| line(&record));
+        async move { bytes }
+    });
+    let stream = futures_util::stream::iter(backlog)
+        .chain(live)
+        .map(Ok::<_, std::convert::Infallible>);
+    Ok((ndjson, Body::from_stream(stream)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_in_the_openapi_document_and_back() {
+        let document: serde_json::Value =
+            serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = document["paths"].as_object().expect("paths");
+        for (method, path) in ROUTES {
+            let operation = &paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} missing from openapi.json"))
+                [method.to_ascii_lowercase()];
+            assert!(
+                operation.is_object(),
+                "{method} {path} missing from openapi.json"
+            );
+        }
+        let mut documented = 0;
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                    documented += 1;
+                    assert!(
+                        ROUTES.contains(&(method.to_ascii_uppercase().as_str(), path.as_str())),
+                        "{method} {path} is documented but not served"
+                    );
+                }
+            }
+        }
+        assert_eq!(documented, ROUTES.len());
+    }
+}

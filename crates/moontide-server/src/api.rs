@@ -1,0 +1,393 @@
+//! Admin API wire types and their validation: what a client may send, checked in one step
+//! that reports every problem with the path of the offending field (STYLE.md rule 7).
+//!
+//! Only wire and config types derive `Serialize`/`Deserialize`; unknown fields are
+//! rejected everywhere.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use moontide_runtime::Limits;
+use serde::{Deserialize, Serialize};
+
+/// One problem in a request, with the JSON path of the field (`config.timeout`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `PUT /v1/functions/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// A single-file function (`main.lua`).
+    pub source: Option<String>,
+    /// A bundle: path → content, with `main.lua` as the entry point.
+    pub files: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub config: FunctionConfigInput,
+}
+
+/// A duration given as text (`"5s"`, `"250ms"`, `"2m"`) or as whole milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationInput {
+    Millis(u64),
+    Text(String),
+}
+
+/// A size given as text (`"64MiB"`, `"512KiB"`, `"1GB"`) or as bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeInput {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Function configuration as a client sends it; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfigInput {
+    pub timeout: Option<DurationInput>,
+    pub memory: Option<SizeInput>,
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub idle_timeout: Option<DurationInput>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub route: Option<String>,
+}
+
+/// Function configuration as stored and served: normalized, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+    pub min: u32,
+    pub max: u32,
+    pub idle_timeout_ms: u64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub route: Option<String>,
+}
+
+impl FunctionConfig {
+    pub const DEFAULT_MAX: u32 = 64;
+    pub const MAX_MAX: u32 = 10_000;
+    pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            timeout: Duration::from_millis(self.timeout_ms),
+            memory_bytes: self.memory_bytes as usize,
+            ..Limits::default()
+        }
+    }
+
+    /// The config as shown by the API: secrets reduced to their names.
+    pub fn redacted(&self) -> serde_json::Value {
+        serde_json::json!({
+            "timeout_ms": self.timeout_ms,
+            "memory_bytes": self.memory_bytes,
+            "min": self.min,
+            "max": self.max,
+            "idle_timeout_ms": self.idle_timeout_ms,
+            "env_keys": self.env.keys().collect::<Vec<_>>(),
+            "route": self.route,
+        })
+    }
+}
+
+impl Default for FunctionConfig {
+    fn default() -> Self {
+        FunctionConfig {
+            timeout_ms: Limits::DEFAULT_TIMEOUT.as_millis() as u64,
+            memory_bytes: Limits::DEFAULT_MEMORY_BYTES as u64,
+            min: 0,
+            max: Self::DEFAULT_MAX,
+            idle_timeout_ms: Self::DEFAULT_IDLE_TIMEOUT_MS,
+            env: BTreeMap::new(),
+            route: None,
+        }
+    }
+}
+
+impl FunctionConfigInput {
+    /// Validates and normalizes, collecting every error (paths under `prefix`).
+    pub fn resolve(&self, prefix: &str, errors: &mut Vec<FieldError>) -> FunctionConfig {
+        let mut config = FunctionConfig::default();
+        let path = |field: &str| format!("{prefix}{field}");
+        if let Some(timeout) = &self.timeout {
+            match parse_duration(timeout) {
+                Ok(d) if d < Limits::MIN_TIMEOUT || d > Limits::MAX_TIMEOUT => errors.push(
+                    FieldError::new(path("timeout"), "must be between 1ms and 15m"),
+                ),
+                Ok(d) => config.timeout_ms = d.as_millis() as u64,
+                Err(message) => errors.push(FieldError::new(path("timeout"), message)),
+            }
+        }
+        if let Some(memory) = &self.memory {
+            match parse_size(memory) {
+                Ok(bytes)
+                    if bytes < Limits::MIN_MEMORY_BYTES as u64
+                        || bytes > Limits::MAX_MEMORY_BYTES as u64 =>
+                {
+                    errors.push(FieldError::new(
+                        path("memory"),
+                        "must be between 1MiB and 4GiB",
+                    ))
+                }
+                Ok(bytes) => config.memory_bytes = bytes,
+                Err(message) => errors.push(FieldError::new(path("memory"), message)),
+            }
+        }
+        if let Some(idle) = &self.idle_timeout {
+            match parse_duration(idle) {
+                Ok(d) => config.idle_timeout_ms = d.as_millis() as u64,
+                Err(message) => errors.push(FieldError::new(path("idle_timeout"), message)),
+            }
+        }
+        if let Some(max) = self.max {
+            if max == 0 || max > FunctionConfig::MAX_MAX {
+                errors.push(FieldError::new(
+                    path("max"),
+                    format!("must be between 1 and {}", FunctionConfig::MAX_MAX),
+                ));
+            } else {
+                config.max = max;
+            }
+        }
+        if let Some(min) = self.min {
+            if min > config.max {
+                errors.push(FieldError::new(path("min"), "must not be greater than max"));
+            } else {
+                config.min = min;
+            }
+        }
+        if let Some(env) = &self.env {
+            for (key, value) in env {
+                if !is_env_name(key) {
+                    errors.push(FieldError::new(
+                        format!("{}.{key}", path("env")),
+                        "environment names are letters, digits and '_', not starting with a digit",
+                    ));
+                } else if value.len() > 32 << 10 {
+                    errors.push(FieldError::new(
+                        format!("{}.{key}", path("env")),
+                        "value is longer than 32 KiB",
+                    ));
+                }
+            }
+            config.env = env.clone();
+        }
+        if let Some(route) = &self.route {
+            if let Err(message) = validate_route(route) {
+                errors.push(FieldError::new(path("route"), message));
+            } else {
+                config.route = Some(route.trim_end_matches('/').to_string());
+            }
+        }
+        config
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Paths the data plane answers itself, which no function may take.
+pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/fn"];
+
+fn validate_route(route: &str) -> Result<(), String> {
+    if !route.starts_with('/') || route.len() < 2 {
+        return Err("must be a path starting with '/', e.g. /greet".into());
+    }
+    if route.len() > 256
+        || !route
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/-_.~".contains(c))
+    {
+        return Err("may use letters, digits and / - _ . ~ (at most 256)".into());
+    }
+    let trimmed = route.trim_end_matches('/');
+    if RESERVED_PATHS
+        .iter()
+        .any(|reserved| trimmed == *reserved || trimmed.starts_with(&format!("{reserved}/")))
+    {
+        return Err(format!("{trimmed} is reserved by Moontide"));
+    }
+    Ok(())
+}
+
+/// Function names: 1–64 of letters, digits, `-`, `_`, starting with a letter or digit.
+pub fn validate_function_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(
+            "function names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+                .into(),
+        )
+    }
+}
+
+pub fn parse_duration(input: &DurationInput) -> Result<Duration, String> {
+    match input {
+        DurationInput::Millis(ms) => Ok(Duration::from_millis(*ms)),
+        DurationInput::Text(text) => {
+            let text = text.trim();
+            let split = text
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(text.len());
+            let (number, unit) = text.split_at(split);
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("'{text}' is not a duration like 5s, 250ms or 2m"))?;
+            let seconds = match unit.trim() {
+                "ms" => value / 1000.0,
+                "s" | "" => value,
+                "m" | "min" => value * 60.0,
+                "h" => value * 3600.0,
+                _ => return Err(format!("'{text}' has an unknown unit (use ms, s, m or h)")),
+            };
+            if !(0.0..=86_400.0 * 365.0).contains(&seconds) {
+                return Err(format!("'{text}' is out of range"));
+            }
+            Ok(Duration::from_secs_f64(seconds))
+        }
+    }
+}
+
+pub fn parse_size(input: &SizeInput) -> Result<u64, String> {
+    match input {
+        SizeInput::Bytes(bytes) => Ok(*bytes),
+        SizeInput::Text(text) => {
+            let text = text.trim();
+            let split = text
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(text.len());
+            let (number, unit) = text.split_at(split);
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("'{text}' is not a size like 64MiB or 512KiB"))?;
+            let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1.0,
+                "k" | "kb" => 1e3,
+                "kib" | "ki" => 1024.0,
+                "m" | "mb" => 1e6,
+                "mib" | "mi" => 1024.0 * 1024.0,
+                "g" | "gb" => 1e9,
+                "gib" | "gi" => 1024.0 * 1024.0 * 1024.0,
+                _ => return Err(format!("'{text}' has an unknown unit (use KiB, MiB, GiB)")),
+            };
+            let bytes = value * multiplier;
+            if !(0.0..=1e15).contains(&bytes) {
+                return Err(format!("'{text}' is out of range"));
+            }
+            Ok(bytes as u64)
+        }
+    }
+}
+
+/// `POST /v1/functions/{name}/rollback`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub to: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        let d = |s: &str| parse_duration(&DurationInput::Text(s.into()));
+        assert_eq!(d("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(d("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(d("2m").unwrap(), Duration::from_secs(120));
+        assert!(d("5 parsecs").is_err());
+        assert!(d("abc").is_err());
+        let s = |t: &str| parse_size(&SizeInput::Text(t.into()));
+        assert_eq!(s("64MiB").unwrap(), 64 << 20);
+        assert_eq!(s("512KiB").unwrap(), 512 << 10);
+        assert_eq!(s("1GB").unwrap(), 1_000_000_000);
+        assert!(s("12 apples").is_err());
+    }
+
+    #[test]
+    fn resolve_reports_every_error_with_its_path() {
+        let input = FunctionConfigInput {
+            timeout: Some(DurationInput::Text("forever".into())),
+            memory: Some(SizeInput::Text("1KiB".into())),
+            max: Some(0),
+            env: Some(BTreeMap::from([("1BAD".to_string(), "x".to_string())])),
+            route: Some("/healthz".into()),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        input.resolve("config.", &mut errors);
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "config.timeout",
+                "config.memory",
+                "config.max",
+                "config.env.1BAD",
+                "config.route"
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let mut errors = Vec::new();
+        let config = FunctionConfigInput::default().resolve("config.", &mut errors);
+        assert!(errors.is_empty());
+        assert_eq!(config, FunctionConfig::default());
+        assert_eq!(config.timeout_ms, 5000);
+        assert_eq!(config.memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn function_names() {
+        assert!(validate_function_name("greeting").is_ok());
+        assert!(validate_function_name("my-fn_2").is_ok());
+        assert!(validate_function_name("").is_err());
+        assert!(validate_function_name("-x").is_err());
+        assert!(validate_function_name("a/b").is_err());
+        assert!(validate_function_name(&"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn redacted_config_hides_secret_values() {
+        let config = FunctionConfig {
+            env: BTreeMap::from([("API_KEY".to_string(), "s3cr3t".to_string())]),
+            ..FunctionConfig::default()
+        };
+        let shown = config.redacted().to_string();
+        assert!(shown.contains("API_KEY"));
+        assert!(!shown.contains("s3cr3t"));
+    }
+}

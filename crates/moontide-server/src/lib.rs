@@ -1,0 +1,215 @@
+//! A Moontide node: the data plane, the admin API, the config snapshot that connects them,
+//! instance pools, metrics and function logs.
+//!
+//! ```text
+//!  client ──HTTP──▶ worker thread (hyper) ──▶ snapshot lookup ──▶ local pool ──▶ Lua instance
+//!                        ▲                         ▲
+//!  CLI ──admin API──▶ axum ──txn──▶ Store ──watch──▶ registry builder (compiles, swaps snapshot)
+//!                        └──invoke job──▶ worker thread
+//! ```
+//!
+//! [`serve`] wires it together: it opens the store in the data dir, makes the admin token,
+//! binds both listeners, starts the workers and the snapshot builder, and runs until the
+//! shutdown future resolves; then it stops accepting, lets calls in flight finish (bounded
+//! by the grace period) and returns.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod dataplane;
+pub mod errors;
+pub mod logs;
+pub mod metrics;
+pub mod pool;
+pub mod records;
+pub mod registry;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moontide_runtime::{Engine, EngineConfig};
+use moontide_store::{SqliteStore, Store};
+
+use crate::admin::AdminState;
+use crate::logs::LogHub;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::worker::{WorkerConfig, Workers};
+
+/// How a node is run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    /// Data-plane address (port 0 picks a free port; the bound address is printed).
+    pub listen: SocketAddr,
+    /// Admin API address.
+    pub admin: SocketAddr,
+    /// Data-plane worker threads (each runs its own Lua instances).
+    pub workers: usize,
+    /// Longest time calls in flight may take to finish at shutdown.
+    pub shutdown_grace: Duration,
+    /// Largest request body the data plane reads.
+    pub max_body_bytes: usize,
+    pub engine: EngineConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("moontide-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9080)),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shutdown_grace: Duration::from_secs(30),
+            max_body_bytes: 6 << 20,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] moontide_store::StoreError),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The admin token file in the data dir.
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// Reads the admin token, creating it (random, mode 0600) on first start.
+pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
+    let path = token_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let temporary = path.with_extension("token.tmp");
+    {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&temporary)?;
+        file.write_all(token.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, &path)?;
+    Ok(token)
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Runs a node until `shutdown` resolves. `on_ready` receives the bound data-plane and
+/// admin addresses once both listen.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> Result<(), ServeError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let token = load_or_create_token(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: token_path(&config.data_dir),
+        source,
+    })?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?);
+    let engine = Engine::new(&config.engine).map_err(ServeError::Runtime)?;
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(metrics, Arc::new(LogHub::default())));
+
+    let data_listener = bind(config.listen)?;
+    let admin_listener = bind(config.admin)?;
+    let data_addr = data_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(%admin_addr, "the admin API listens beyond loopback; keep the token secret");
+    }
+
+    let builder = tokio::spawn(registry::run_builder(registry.clone(), store.clone()));
+    let (stop_workers, stopped) = tokio::sync::watch::channel(false);
+    let workers = Arc::new(Workers::start(WorkerConfig {
+        count: config.workers,
+        listener: data_listener,
+        engine,
+        registry: registry.clone(),
+        max_body_bytes: config.max_body_bytes,
+        shutdown: stopped,
+        shutdown_grace: config.shutdown_grace,
+    })?);
+
+    let state = Arc::new(AdminState {
+        store,
+        registry: registry.clone(),
+        workers: workers.clone(),
+        token,
+        started,
+        node: serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "workers": config.workers.max(1),
+            "data_plane": data_addr.to_string(),
+            "admin": admin_addr.to_string(),
+            "data_dir": config.data_dir.display().to_string(),
+        }),
+    });
+    admin_listener.set_nonblocking(true)?;
+    let admin_listener = tokio::net::TcpListener::from_std(admin_listener)?;
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(async move {
+        let result = axum::serve(admin_listener, admin::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = admin_stopped.await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, "admin API stopped");
+        }
+    });
+
+    // Ready once the first snapshot is loaded.
+    while !registry.is_ready() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    on_ready(data_addr, admin_addr);
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing calls in flight");
+    let _ = stop_workers.send(true);
+    let _ = stop_admin.send(());
+    let joined = tokio::task::spawn_blocking(move || workers.join());
+    let _ = tokio::time::timeout(config.shutdown_grace + Duration::from_secs(1), joined).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    builder.abort();
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! The config snapshot the data plane serves from, and the task that keeps it current.
+//!
+//! The snapshot is immutable and swapped whole ([`arc_swap`]); the request path loads it
+//! without a lock. The builder task watches the store: a change rebuilds only the
+//! functions it touches (compiling their new version off the request path), reuses every
+//! other [`DeployedFunction`] as is — with its warm instances — and publishes a new
+//! snapshot. Copying the name map is O(functions) pointer copies per change; compile work
+//! is O(changed).
+//!
+//! Admin writes wait for the snapshot to reach their store revision before they answer, so
+//! a deploy that was acknowledged serves the very next request.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use moontide_runtime::InstanceSpec;
+use moontide_runtime::{CompiledFunction, FunctionSource, compile};
+use moontide_store::{Revision, Store, StoreError};
+use tokio::sync::watch;
+
+use crate::api::FunctionConfig;
+use crate::logs::{LogHub, VersionLogSink};
+use crate::metrics::{FunctionMetrics, Metrics};
+use crate::pool::PoolShared;
+use crate::records::{self, FunctionRecord, VersionRecord};
+
+/// One version of one function, ready to serve: compiled, with its pool counters, limits,
+/// log and metric handles.
+pub struct DeployedFunction {
+    /// Unique per deployment in this process (a rollback to an old version gets a new id).
+    pub id: u64,
+    pub name: Arc<str>,
+    pub version: u64,
+    pub compiled: Arc<CompiledFunction>,
+    pub spec: InstanceSpec,
+    pub config: FunctionConfig,
+    pub pool: Arc<PoolShared>,
+    pub metrics: FunctionMetrics,
+    /// Store revision of the version record (to tell an unchanged function on rebuild).
+    pub source_revision: Revision,
+}
+
+/// What serves traffic now.
+#[derive(Default)]
+pub struct Snapshot {
+    pub revision: Revision,
+    pub functions: HashMap<Arc<str>, Arc<DeployedFunction>>,
+    /// `(path prefix, function)`, longest prefix first.
+    pub routes: Vec<(String, Arc<DeployedFunction>)>,
+}
+
+impl Snapshot {
+    /// The function whose configured route is a prefix of `path` (at a `/` boundary).
+    pub fn route(&self, path: &str) -> Option<&Arc<DeployedFunction>> {
+        self.routes.iter().find_map(|(prefix, function)| {
+            let rest = path.strip_prefix(prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then_some(function)
+        })
+    }
+}
+
+/// The current snapshot and its readers' handles.
+pub struct Registry {
+    current: Arc<ArcSwap<Snapshot>>,
+    published: watch::Sender<Option<Revision>>,
+    next_id: AtomicU64,
+    pub metrics: Arc<Metrics>,
+    pub logs: Arc<LogHub>,
+}
+
+impl Registry {
+    pub fn new(metrics: Arc<Metrics>, logs: Arc<LogHub>) -> Registry {
+        Registry {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            published: watch::channel(None).0,
+            next_id: AtomicU64::new(1),
+            metrics,
+            logs,
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The swap cell itself, for per-thread caches on the request path.
+    pub fn cell(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.current.clone()
+    }
+
+    /// `true` once the first snapshot from the store is serving.
+    pub fn is_ready(&self) -> bool {
+        self.published.borrow().is_some()
+    }
+
+    /// Waits until the serving snapshot has reached `revision` (or `limit` passes).
+    pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
+        let mut receiver = self.published.subscribe();
+        tokio::time::timeout(
+            limit,
+            receiver.wait_for(|published| published.is_some_and(|r| r >= revision)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        let revision = snapshot.revision;
+        self.metrics.config_revision.set(revision as i64);
+        self.metrics.functions.set(snapshot.functions.len() as i64);
+        let old = self.current.swap(Arc::new(snapshot));
+        let new = self.current.load();
+        // Versions no longer served stop taking new calls; their idle instances are reaped.
+        for (name, function) in &old.functions {
+            match new.functions.get(name) {
+                Some(current) if current.id == function.id => {}
+                _ => function.pool.retire(),
+            }
+        }
+        self.published.send_replace(Some(revision));
+    }
+
+    fn deploy(
+        &self,
+        record: &VersionRecord,
+        source_revision: Revision,
+    ) -> Result<DeployedFunction, String> {
+        let source = FunctionSource {
+            files: record.files.clone(),
+        };
+        let compiled = compile(&source).map_err(|errors| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let name: Arc<str> = Arc::from(record.name.as_str());
+        let metrics = self.metrics.function(&record.name);
+        let spec = InstanceSpec {
+            function_name: name.clone(),
+            version: record.version,
+            limits: record.config.limits(),
+            env: Arc::new(record.config.env.clone()),
+            log: Arc::new(VersionLogSink {
+                log: self.logs.function(&record.name),
+                version: record.version,
+            }),
+        };
+        Ok(DeployedFunction {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            name,
+            version: record.version,
+            compiled: Arc::new(compiled),
+            pool: Arc::new(PoolShared::new(
+                record.config.max as usize,
+                metrics.instances.clone(),
+            )),
+            spec,
+            config: record.config.clone(),
+            metrics,
+            source_revision,
+        })
+    }
+}
+
+/// Reads the head and active version of `name` from the store and builds it, reusing the
+/// currently deployed one when nothing changed. `Ok(None)`: the function is gone.
+async fn load_function(
+    registry: &Registry,
+    store: &dyn Store,
+    name: &str,
+    current: Option<&Arc<DeployedFunction>>,
+) -> Result<Option<Arc<DeployedFunction>>, StoreError> {
+    let Some(head) = store.get(&records::head_key(name)).await? else {
+        return Ok(None);
+    };
+    let head: FunctionRecord = match serde_json::from_slice(&head.value) {
+        Ok(head) => head,
+        Err(error) => {
+            tracing::error!(function = name, %error, "unreadable function record; skipped");
+            return Ok(current.cloned());
+        }
+    };
+    let Some(version) = store
+        .get(&records::version_key(name, head.active_version))
+        .await?
+    else {
+        tracing::error!(
+            function = name,
+            version = head.active_version,
+            "active version missing"
+        );
+        return Ok(current.cloned());
+    };
+    if let Some(current) = current
+        && current.version == head.active_version
+        && current.source_revision == version.mod_revision
+    {
+        return Ok(Some(current.clone()));
+    }
+    let record: VersionRecord = match serde_json::from_slice(&version.value) {
+        Ok(record) => record,
+        Err(error) => {
+            tracing::error!(function = name, %error, "unreadable version record; skipped");
+            return Ok(current.cloned());
+        }
+    };
+    match registry.deploy(&record, version.mod_revision) {
+        Ok(deployed) => Ok(Some(Arc::new(deployed))),
+        Err(error) => {
+            tracing::error!(function = name, %error, "stored version does not compile; skipped");
+            Ok(current.cloned())
+        }
+    }
+}
+
+fn name_of_key(key: &str) -> Option<&str> {
+    if let Some(name) = key.strip_prefix(records::HEAD_PREFIX) {
+        return Some(name);
+    }
+    key.strip_prefix(records::VERSION_PREFIX)
+        .and_then(|rest| rest.split('/').next())
+}
+
+fn with_routes(mut snapshot: Snapshot) -> Snapshot {
+    let mut routes: Vec<(String, Arc<DeployedFunction>)> = snapshot
+        .functions
+        .values()
+        .filter_map(|f| f.config.route.clone().map(|route| (route, f.clone())))
+        .collect();
+    routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+    snapshot.routes = routes;
+    snapshot
+}
+
+/// Keeps the registry in step with the store, forever: a full load, then incremental
+/// updates from the watch; a compacted or broken watch starts over.
+pub async fn run_builder(registry: Arc<Registry>, store: Arc<dyn Store>) {
+    loop {
+        match follow_store(&registry, &*store).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "config watch interrupted; reloading");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), StoreError> {
+    let (heads, revision) = store.range(records::HEAD_PREFIX).await?;
+    let previous = registry.snapshot();
+    let mut functions = HashMap::new();
+    for head in heads {
+        let Some(name) = name_of_key(&head.key) else {
+            continue;
+        };
+        if let Some(deployed) =
+            load_function(registry, store, name, previous.functions.get(name)).await?
+        {
+            functions.insert(deployed.name.clone(), deployed);
+        }
+    }
+    registry.publish(with_routes(Snapshot {
+        revision,
+        functions,
+        routes: Vec::new(),
+    }));
+
+    let mut watch = store.watch(records::ROOT, revision).await?;
+    while let Some(batch) = watch.next().await? {
+        let Some(revision) = batch.iter().map(|e| e.revision()).max() else {
+            continue;
+        };
+        let names: BTreeSet<String> = batch
+            .iter()
+            .filter_map(|event| name_of_key(event.key()).map(str::to_string))
+            .collect();
+        let current = registry.snapshot();
+        let mut functions = current.functions.clone();
+        for name in names {
+            match load_function(registry, store, &name, current.functions.get(name.as_str()))
+                .await?
+            {
+                Some(deployed) => {
+                    functions.insert(deployed.name.clone(), deployed);
+                }
+                None => {
+                    if functions.remove(name.as_str()).is_some() {
+                        registry.metrics.forget(&name);
+                    }
+                }
+            }
+        }
+        registry.publish(with_routes(Snapshot {
+            revision,
+            functions,
+            routes: Vec::new(),
+        }));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_to_function_names() {
+        assert_eq!(name_of_key("f/head/greeting"), Some("greeting"));
+        assert_eq!(name_of_key("f/ver/greeting/0000000002"), Some("greeting"));
+        assert_eq!(name_of_key("other"), None);
+    }
+}

@@ -1,0 +1,280 @@
+//! Command-line parsing (clap) and what each command does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use moontide_server::ServeConfig;
+use serde_json::{Value, json};
+
+use crate::client::Client;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "moontide",
+    version,
+    about = "Moontide: Lua functions and an API gateway in one binary"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Admin API URL (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "MOONTIDE_ADMIN",
+        default_value = "http://127.0.0.1:9080"
+    )]
+    admin_url: String,
+    /// Data dir: where `serve` keeps its state, and where clients find the admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "MOONTIDE_DATA_DIR",
+        default_value = "moontide-data"
+    )]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: data plane, admin API and everything deployed.
+    Serve {
+        /// Data-plane address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin API address.
+        #[arg(long = "admin", default_value = "127.0.0.1:9080")]
+        admin_addr: SocketAddr,
+        /// Data-plane worker threads (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Deploy every examples/*.lua at start (if not deployed yet).
+        #[arg(long)]
+        examples: Option<PathBuf>,
+    },
+    /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
+    Deploy {
+        name: String,
+        path: PathBuf,
+        /// Extra path prefix that serves the function (besides /fn/NAME).
+        #[arg(long)]
+        route: Option<String>,
+        /// Wall-clock budget of one call, e.g. 5s, 250ms.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Memory cap per instance, e.g. 64MiB.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Instances kept warm.
+        #[arg(long)]
+        min: Option<u32>,
+        /// Most instances on the node.
+        #[arg(long)]
+        max: Option<u32>,
+        /// Environment (secrets), KEY=VALUE; repeatable.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
+    /// Invoke a function with a JSON event and print its result.
+    Invoke {
+        name: String,
+        /// The event as JSON text.
+        #[arg(long, conflicts_with = "data_file")]
+        data: Option<String>,
+        /// A file holding the event JSON.
+        #[arg(long)]
+        data_file: Option<PathBuf>,
+    },
+    /// List functions.
+    Ls,
+    /// Show a function.
+    Info { name: String },
+    /// Remove a function and all its versions.
+    Rm { name: String },
+    /// Serve an earlier version (default: the one before the active one).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// List a function's kept versions.
+    Versions { name: String },
+    /// Print a function's log.
+    Logs {
+        name: String,
+        /// Keep printing new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past lines to print first.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = || Client::new(&cli.admin_url, &cli.data_dir);
+    match cli.command {
+        Command::Serve {
+            listen,
+            admin_addr,
+            workers,
+            examples,
+        } => serve(cli.data_dir, listen, admin_addr, workers, examples).await,
+        Command::Deploy {
+            name,
+            path,
+            route,
+            timeout,
+            memory,
+            min,
+            max,
+            env,
+        } => {
+            let mut config = serde_json::Map::new();
+            if let Some(route) = route {
+                config.insert("route".into(), json!(route));
+            }
+            if let Some(timeout) = timeout {
+                config.insert("timeout".into(), json!(timeout));
+            }
+            if let Some(memory) = memory {
+                config.insert("memory".into(), json!(memory));
+            }
+            if let Some(min) = min {
+                config.insert("min".into(), json!(min));
+            }
+            if let Some(max) = max {
+                config.insert("max".into(), json!(max));
+            }
+            if !env.is_empty() {
+                let mut vars = serde_json::Map::new();
+                for pair in env {
+                    let (key, value) = pair
+                        .split_once('=')
+                        .with_context(|| format!("--env {pair}: expected KEY=VALUE"))?;
+                    vars.insert(key.to_string(), json!(value));
+                }
+                config.insert("env".into(), Value::Object(vars));
+            }
+            client()?.deploy(&name, &path, Value::Object(config)).await
+        }
+        Command::Invoke {
+            name,
+            data,
+            data_file,
+        } => {
+            let event = match (data, data_file) {
+                (Some(data), _) => data,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                (None, None) => "{}".to_string(),
+            };
+            client()?.invoke(&name, event).await
+        }
+        Command::Ls => client()?.list().await,
+        Command::Info { name } => client()?.info(&name).await,
+        Command::Rm { name } => client()?.remove(&name).await,
+        Command::Rollback { name, to } => client()?.rollback(&name, to).await,
+        Command::Versions { name } => client()?.versions(&name).await,
+        Command::Logs { name, follow, tail } => client()?.logs(&name, follow, tail).await,
+    }
+}
+
+async fn serve(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    workers: Option<usize>,
+    examples: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = ServeConfig {
+        data_dir: data_dir.clone(),
+        listen,
+        admin,
+        ..ServeConfig::default()
+    };
+    if let Some(workers) = workers {
+        if workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        config.workers = workers;
+    }
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let server = moontide_server::serve(config, shutdown_signal(), move |data, admin| {
+        // Tests and scripts read these two lines to find the ports.
+        println!("moontide: data plane listening on http://{data}");
+        println!("moontide: admin API listening on http://{admin}");
+        let _ = ready_tx.send(admin);
+    });
+    let deployer = async move {
+        let Ok(admin) = ready_rx.await else { return };
+        if let Some(dir) = examples
+            && let Err(error) = deploy_examples(&format!("http://{admin}"), &data_dir, &dir).await
+        {
+            eprintln!("moontide: deploying examples failed: {error:#}");
+        }
+    };
+    let (result, ()) = tokio::join!(server, deployer);
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deploys every `*.lua` file of `dir` under its file stem, unless a function of that
+/// name exists already.
+async fn deploy_examples(
+    admin: &str,
+    data_dir: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let client = Client::new(admin, data_dir)?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "lua"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if client.exists(name).await? {
+            continue;
+        }
+        client.deploy(name, &path, json!({})).await?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    // Give log lines a moment to flush.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}

@@ -1,0 +1,233 @@
+//! Test harness: starts the real `moontide` binary on free loopback ports with a fresh data
+//! dir, and drives it over HTTP (reqwest) and through the CLI binary.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_moontide");
+
+/// A running node (killed with SIGKILL when dropped).
+pub struct Node {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub data: String,
+    pub admin: String,
+    pub token: String,
+    pub http: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    /// A node on a new temporary data dir.
+    pub fn start() -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = Node::start_in(dir.path().to_path_buf(), &[]);
+        node._dir = Some(dir);
+        node
+    }
+
+    /// A node on `data_dir` (e.g. again after a kill), with extra `serve` flags.
+    pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> Node {
+        // Server logs go to a file: a pipe inherited by a server that outlives a killed
+        // test would keep the test runner's output open.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .expect("server log file");
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn moontide serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let mut data = None;
+        let mut admin = None;
+        while data.is_none() || admin.is_none() {
+            let line = receiver
+                .recv_timeout(Duration::from_secs(30))
+                .expect("moontide serve did not report its addresses");
+            if let Some(addr) = line.strip_prefix("moontide: data plane listening on ") {
+                data = Some(addr.to_string());
+            } else if let Some(addr) = line.strip_prefix("moontide: admin API listening on ") {
+                admin = Some(addr.to_string());
+            }
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin.token exists after start")
+            .trim()
+            .to_string();
+        Node {
+            child,
+            data_dir,
+            data: data.unwrap(),
+            admin: admin.unwrap(),
+            token,
+            http: http_client(),
+            _dir: None,
+        }
+    }
+
+    /// SIGKILL, wait, and start again on the same data dir (ports change).
+    pub fn kill_and_restart(mut self) -> Node {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+        let dir = self._dir.take();
+        let mut node = Node::start_in(self.data_dir.clone(), &[]);
+        node._dir = dir;
+        node
+    }
+
+    /// Runs the CLI against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("MOONTIDE_ADMIN", &self.admin)
+            .env("MOONTIDE_TOKEN", &self.token)
+            .output()
+            .expect("run moontide CLI")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "moontide {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 stdout")
+    }
+
+    pub fn admin_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(&self.token)
+    }
+
+    /// An admin call with an optional JSON body → (status, JSON or null).
+    pub async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.admin_request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("admin body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Deploys Lua source through the API; panics unless 201.
+    pub async fn deploy(&self, name: &str, source: &str, config: Value) -> u64 {
+        let (status, body) = self
+            .admin_json(
+                reqwest::Method::PUT,
+                &format!("/v1/functions/{name}"),
+                Some(serde_json::json!({"source": source, "config": config})),
+            )
+            .await;
+        assert_eq!(status, 201, "deploy {name}: {body}");
+        body["version"].as_u64().expect("version")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.data)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("data-plane request")
+    }
+
+    /// The function's log lines (messages).
+    pub async fn log_messages(&self, name: &str) -> Vec<String> {
+        let response = self
+            .admin_request(
+                reqwest::Method::GET,
+                &format!("/v1/functions/{name}/logs?tail=1000"),
+            )
+            .send()
+            .await
+            .expect("logs");
+        let text = response.text().await.expect("logs body");
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .map(|record| record["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The repo's examples folder.
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+/// Writes `files` under a new temp dir; returns it.
+pub fn temp_files(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, content) in files {
+        let full = dir.path().join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+    dir
+}
+
+/// A reqwest client (the build has no default TLS provider; install ring's first).
+pub fn http_client() -> reqwest::Client {
+    moontide_runtime::install_crypto_provider();
+    reqwest::Client::new()
+}
