@@ -165,6 +165,8 @@ impl Instance {
                 instance.handler = handler;
                 Ok(instance)
             }
+            // Lua has one number type; mlua reports integral ones as "integer".
+            Value::Integer(_) => Err(InstanceError::NoHandler("number")),
             other => Err(InstanceError::NoHandler(other.type_name())),
         }
     }
@@ -293,5 +295,210 @@ fn classify(error: &mlua::Error, lua: Option<&Lua>) -> CallError {
         },
         mlua::Error::WithContext { cause, .. } => classify(cause, None),
         other => CallError::Runtime(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EngineConfig, FunctionSource, compile};
+    use parking_lot::Mutex;
+
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<String>>);
+
+    impl LogSink for Lines {
+        fn log(&self, level: LogLevel, _request_id: &str, message: &str) {
+            self.0.lock().push(format!("{}: {message}", level.as_str()));
+        }
+    }
+
+    fn spec(limits: Limits, log: Arc<Lines>) -> InstanceSpec {
+        InstanceSpec {
+            function_name: Arc::from("t"),
+            version: 1,
+            limits,
+            env: Arc::new(BTreeMap::from([("K".to_string(), "v".to_string())])),
+            log,
+        }
+    }
+
+    async fn instance_with(source: &str, limits: Limits) -> (Instance, Arc<Lines>) {
+        let engine = Engine::new(&EngineConfig::default()).unwrap();
+        let compiled = Arc::new(compile(&FunctionSource::single(source)).unwrap());
+        let lines = Arc::new(Lines::default());
+        let instance = Instance::new(&engine, &compiled, &spec(limits, lines.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("instance: {e}"));
+        (instance, lines)
+    }
+
+    async fn run(source: &str) -> Result<serde_json::Value, CallError> {
+        let (mut instance, _) = instance_with(source, Limits::default()).await;
+        let out = instance.invoke_json(&serde_json::json!({}), "r1").await?;
+        Ok(serde_json::from_slice(&out).unwrap())
+    }
+
+    #[tokio::test]
+    async fn host_reaching_globals_are_absent() {
+        let result = run(r#"return function()
+            return { io = type(io), debug = type(debug), package = type(package),
+                     execute = type(os.execute), exit = type(os.exit), remove = type(os.remove),
+                     loadfile = type(loadfile), dofile = type(dofile), dump = type(string.dump),
+                     getenv = os.getenv("K"), missing = os.getenv("PATH") }
+          end"#)
+        .await
+        .unwrap();
+        assert_eq!(
+            result,
+            serde_json::json!({"io": "nil", "debug": "nil", "package": "nil", "execute": "nil",
+                "exit": "nil", "remove": "nil", "loadfile": "nil", "dofile": "nil",
+                "dump": "nil", "getenv": "v"})
+        );
+    }
+
+    #[tokio::test]
+    async fn require_finds_only_builtins_and_bundle_files() {
+        for name in ["os", "io", "/etc/passwd", "./main", "@self/main", "string"] {
+            let source = format!("return function() return require({name:?}) end");
+            match run(&source).await {
+                Err(CallError::Runtime(message)) => {
+                    assert!(message.contains("not found"), "{name}: {message}")
+                }
+                other => panic!("require({name}) must fail, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            run("local j = require('json') return function() return j == require('json') end")
+                .await
+                .unwrap(),
+            serde_json::json!(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn shared_libraries_and_the_string_metatable_are_read_only() {
+        for attack in [
+            "string.upper = function() return 'pwned' end",
+            "getmetatable('').__index = { upper = function() return 'pwned' end }",
+            "table.insert = nil",
+            "math.pi = 3",
+            "require('json').encode = nil",
+        ] {
+            let source = format!("return function() {attack} return 'survived' end");
+            assert!(
+                matches!(run(&source).await, Err(CallError::Runtime(_))),
+                "{attack} must fail"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn binary_chunks_are_refused_and_load_is_text_only() {
+        let result = run(r#"return function()
+            local ok = pcall(loadstring, "\27Lua binary")
+            local f, err = load("return 1 + 1")
+            local g, gerr = load("return 1", "x", "b")
+            return { binary_ok = ok, sum = f(), g = g == nil, gerr = gerr ~= nil, err = err == nil }
+          end"#)
+        .await
+        .unwrap();
+        assert_eq!(
+            result,
+            serde_json::json!({"binary_ok": false, "sum": 2, "g": true, "gerr": true, "err": true})
+        );
+    }
+
+    #[tokio::test]
+    async fn state_persists_within_an_instance_only() {
+        let source =
+            "counter = (counter or 0) return function() counter = counter + 1 return counter end";
+        let (mut first, _) = instance_with(source, Limits::default()).await;
+        assert_eq!(
+            first
+                .invoke_json(&serde_json::json!({}), "a")
+                .await
+                .unwrap(),
+            b"1"
+        );
+        assert_eq!(
+            first
+                .invoke_json(&serde_json::json!({}), "b")
+                .await
+                .unwrap(),
+            b"2"
+        );
+        let (mut second, _) = instance_with(source, Limits::default()).await;
+        assert_eq!(
+            second
+                .invoke_json(&serde_json::json!({}), "c")
+                .await
+                .unwrap(),
+            b"1"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_cannot_be_caught_and_break_the_instance() {
+        let limits = Limits {
+            timeout: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let (mut instance, lines) = instance_with(
+            "return function() while true do pcall(function() while true do end end) end end",
+            limits,
+        )
+        .await;
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::Timeout));
+        assert!(instance.is_broken());
+        assert!(
+            lines
+                .0
+                .lock()
+                .iter()
+                .any(|l| l.contains("function timed out"))
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_cap_ends_the_call() {
+        let limits = Limits {
+            memory_bytes: 4 << 20,
+            ..Limits::default()
+        };
+        let (mut instance, _) = instance_with(
+            "return function() local t = {} for i = 1, 1e9 do t[i] = i end end",
+            limits,
+        )
+        .await;
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::MemoryLimit));
+        assert!(instance.is_broken());
+    }
+
+    #[tokio::test]
+    async fn errors_carry_a_traceback_to_the_log() {
+        let (mut instance, lines) = instance_with(
+            "local function deep() error('bad thing') end\nreturn function() deep() end",
+            Limits::default(),
+        )
+        .await;
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert!(matches!(result, Err(CallError::Runtime(ref m)) if m.contains("bad thing")));
+        assert!(!instance.is_broken(), "a plain error keeps the instance");
+        let log = lines.0.lock().join("\n");
+        assert!(log.contains("main.lua:1"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn init_must_return_a_function() {
+        let engine = Engine::new(&EngineConfig::default()).unwrap();
+        let compiled = Arc::new(compile(&FunctionSource::single("return 42")).unwrap());
+        let error = Instance::new(&engine, &compiled, &spec(Limits::default(), Arc::default()))
+            .await
+            .err()
+            .expect("init must fail");
+        assert_eq!(error, InstanceError::NoHandler("number"));
     }
 }

@@ -230,6 +230,14 @@ impl Worker {
         Some((function, "/{proxy+}", proxy))
     }
 
+    /// Brings functions with a `min` back to it (see `LocalPools::keep_warm`).
+    pub async fn keep_warm(&self) {
+        let snapshot = self.registry.snapshot();
+        self.pools
+            .keep_warm(&self.engine, snapshot.functions.values())
+            .await;
+    }
+
     /// Runs an admin-side job on this thread.
     pub async fn run_job(self: Rc<Self>, job: Job) {
         match job {

@@ -70,9 +70,15 @@ impl PoolShared {
     }
 
     fn try_reserve(&self) -> bool {
+        self.try_reserve_below(self.max)
+    }
+
+    /// Reserves a slot for a new instance if fewer than `limit` (and `max`) are live.
+    fn try_reserve_below(&self, limit: usize) -> bool {
+        let limit = limit.min(self.max);
         self.live
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| {
-                (live < self.max).then_some(live + 1)
+                (live < limit).then_some(live + 1)
             })
             .is_ok()
     }
@@ -228,23 +234,73 @@ impl LocalPools {
         self.with_pool(function, |pool| pool.idle.push((instance, Instant::now())));
     }
 
-    /// Drops idle instances past their function's idle timeout, and every pool of a
-    /// retired version. Runs periodically on each worker.
+    /// Drops idle instances past their function's idle timeout (never below the
+    /// function's `min` on the node), and every pool of a retired version. Runs
+    /// periodically on each worker.
     pub fn reap(&self, now: Instant) {
         let mut pools = self.pools.borrow_mut();
         pools.retain(|_, pool| {
             let function = &pool.function;
             let retired = function.pool.is_retired();
             let idle_timeout = Duration::from_millis(function.config.idle_timeout_ms);
-            let before = pool.idle.len();
-            pool.idle
-                .retain(|(_, since)| !retired && now.duration_since(*since) < idle_timeout);
-            for _ in pool.idle.len()..before {
-                function.pool.instance_gone();
+            let keep_at_least = if retired {
+                0
+            } else {
+                function.config.min as usize
+            };
+            // Oldest idle first; the most recently used stay warm.
+            let mut index = 0;
+            while index < pool.idle.len() {
+                let expired = retired || now.duration_since(pool.idle[index].1) >= idle_timeout;
+                if expired && function.pool.live() > keep_at_least {
+                    drop(pool.idle.remove(index));
+                    function.pool.instance_gone();
+                } else {
+                    index += 1;
+                }
             }
             pool.waiters.retain(|waiter| !waiter.is_closed());
             !(pool.idle.is_empty() && pool.waiters.is_empty() && retired)
         });
+    }
+
+    /// Creates instances of functions below their `min` on the node, one per function per
+    /// call, so warm capacity returns after a restart, a deploy or a failure.
+    pub async fn keep_warm<'a>(
+        self: &Rc<Self>,
+        engine: &Engine,
+        functions: impl Iterator<Item = &'a Arc<DeployedFunction>>,
+    ) {
+        let below_min: Vec<Arc<DeployedFunction>> = functions
+            .filter(|f| f.config.min > 0 && f.pool.live() < f.config.min as usize)
+            .cloned()
+            .collect();
+        for function in below_min {
+            if function.pool.is_retired()
+                || !function
+                    .pool
+                    .try_reserve_below(function.config.min as usize)
+            {
+                continue;
+            }
+            function.pool.instances_gauge.inc();
+            let started = Instant::now();
+            match Instance::new(engine, &function.compiled, &function.spec).await {
+                Ok(instance) => {
+                    function.metrics.cold_starts.inc();
+                    function
+                        .metrics
+                        .cold_start_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.release(&function, instance);
+                }
+                Err(error) => {
+                    function.pool.instance_gone();
+                    function.metrics.error(error.kind());
+                    tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");
+                }
+            }
+        }
     }
 
     /// Idle instances on this thread, per function id (for `/v1/status`).

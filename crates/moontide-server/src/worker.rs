@@ -139,6 +139,7 @@ async fn run_worker(
             loop {
                 tick.tick().await;
                 worker.pools.reap(Instant::now());
+                worker.keep_warm().await;
             }
         })
     };

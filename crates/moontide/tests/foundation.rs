@@ -608,3 +608,69 @@ async fn probes_and_metrics_answer() {
     assert_eq!(body["functions"][0]["name"], "greeting");
     assert_eq!(body["ready"], true);
 }
+
+/// Polls `/v1/status` until `name` has `want` live instances (bounded; not a timing test).
+async fn wait_for_instances(node: &Node, name: &str, want: u64) -> u64 {
+    let mut live = u64::MAX;
+    for _ in 0..100 {
+        let (_, status) = node
+            .admin_json(reqwest::Method::GET, "/v1/status", None)
+            .await;
+        live = status["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["live_instances"].as_u64().unwrap())
+            .unwrap_or(0);
+        if live == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    live
+}
+
+#[tokio::test]
+async fn min_keeps_instances_warm_and_idle_ones_scale_to_zero() {
+    let node = Node::start();
+    node.deploy(
+        "warm",
+        "return function() return 'w' end",
+        json!({"min": 2}),
+    )
+    .await;
+    assert_eq!(
+        wait_for_instances(&node, "warm", 2).await,
+        2,
+        "pre-warmed to min without traffic"
+    );
+
+    node.deploy(
+        "cold",
+        "return function() return 'c' end",
+        json!({"idle_timeout": "100ms"}),
+    )
+    .await;
+    assert_eq!(node.get("/fn/cold").await.text().await.unwrap(), "c");
+    assert_eq!(
+        wait_for_instances(&node, "cold", 0).await,
+        0,
+        "idle instances were reaped"
+    );
+    // Scale from zero again.
+    assert_eq!(node.get("/fn/cold").await.text().await.unwrap(), "c");
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let node = Node::start();
+    node.cli_ok(&["deploy", "greeting", &example("greeting.lua")]);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client.get(node.url("/fn/greeting")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.text().await.unwrap(), "Hello, World!");
+}
