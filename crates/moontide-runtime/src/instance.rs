@@ -24,7 +24,7 @@ use crate::engine::Engine;
 use crate::limits::Limits;
 use crate::modules::json;
 use crate::modules::log::EmitLog;
-use crate::sandbox::{self, CallState, LimitHit, SandboxSpec};
+use crate::sandbox::{self, CallState, LimitHit, MemoryCap, SandboxSpec};
 
 /// Severity of a function log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -234,7 +234,10 @@ impl Instance {
         // the future midway (client gone), the coroutine is left suspended and the
         // instance must not be reused.
         self.broken = true;
+        let cap = MemoryCap::arm(&self.lua, self.limits.memory_bytes)
+            .map_err(|e| CallError::Runtime(format!("arming the memory cap: {e}")))?;
         let outcome = tokio::time::timeout(timeout + Duration::from_millis(1), start()).await;
+        drop(cap);
         let limit_hit = self.state.limit_hit.get();
         self.state.end();
         let result = match (outcome, limit_hit) {

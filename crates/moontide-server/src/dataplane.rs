@@ -102,7 +102,7 @@ impl Worker {
     async fn handle(
         self: Rc<Self>,
         request: Request<Incoming>,
-        remote: SocketAddr,
+        peer_ip: Rc<str>,
     ) -> Response<Full<Bytes>> {
         match request.uri().path() {
             "/healthz" => return plain(StatusCode::OK, "ok\n"),
@@ -111,7 +111,7 @@ impl Worker {
             _ => {}
         }
         let request_id = self.request_id(request.headers().get(&REQUEST_ID));
-        let mut response = self.call_function(request, remote, &request_id).await;
+        let mut response = self.call_function(request, &peer_ip, &request_id).await;
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID.clone(), value);
         }
@@ -121,11 +121,12 @@ impl Worker {
     async fn call_function(
         &self,
         request: Request<Incoming>,
-        remote: SocketAddr,
+        source_ip: &str,
         request_id: &str,
     ) -> Response<Full<Bytes>> {
-        let path = request.uri().path().to_string();
-        let Some((function, resource, proxy)) = self.resolve(&path) else {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path();
+        let Some((function, resource, proxy)) = self.resolve(path) else {
             return ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -135,7 +136,6 @@ impl Worker {
         };
         let started = Instant::now();
         function.metrics.http_requests.inc();
-        let (parts, body) = request.into_parts();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
@@ -166,7 +166,6 @@ impl Worker {
                 return error.to_response();
             }
         };
-        let source_ip = remote.ip().to_string();
         let path_parameters = [("proxy", proxy)];
         let protocol = match parts.version {
             http::Version::HTTP_2 => "HTTP/2.0",
@@ -175,11 +174,11 @@ impl Worker {
         };
         let event = HttpRequest {
             method: parts.method.as_str(),
-            path: &path,
+            path,
             query: parts.uri.query(),
             headers: &parts.headers,
             body: &body,
-            source_ip: &source_ip,
+            source_ip,
             request_id,
             request_time_epoch_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -293,9 +292,11 @@ pub fn serve_connection(
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
     let service_worker = worker.clone();
+    let peer_ip: Rc<str> = Rc::from(remote.ip().to_string());
     let service = hyper::service::service_fn(move |request| {
         let worker = service_worker.clone();
-        async move { Ok::<_, Infallible>(worker.handle(request, remote).await) }
+        let peer_ip = peer_ip.clone();
+        async move { Ok::<_, Infallible>(worker.handle(request, peer_ip).await) }
     });
     let connection = worker
         .builder

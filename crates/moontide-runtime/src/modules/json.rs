@@ -102,7 +102,11 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
         "decode",
         lua.create_function(|lua, value: Value| match value {
             Value::String(s) => {
-                decode_to_lua(lua, &s.as_bytes()).map_err(|e| e.into_lua_error("json.decode"))
+                let text = s.as_bytes();
+                // A JSON byte becomes at most ~21 bytes of Lua memory (`{},` → a table).
+                crate::sandbox::host_work(lua, text.len().saturating_mul(32), || {
+                    decode_to_lua(lua, &text).map_err(|e| e.into_lua_error("json.decode"))
+                })
             }
             other => Err(mlua::Error::runtime(format!(
                 "json.decode: expected string, got {}",
@@ -166,10 +170,13 @@ fn lua_encode(lua: &Lua, value: &Value) -> mlua::Result<mlua::LuaString> {
             tmp: &mut scratch.tmp,
             pending: None,
         };
-        let result = enc
-            .value(value, 0)
-            .map_err(|e| e.into_lua_error("json.encode"))
-            .and_then(|()| lua.create_string(&scratch.out[..]));
+        // Walking the value allocates no Lua memory; the result string is made with the
+        // cap armed.
+        let result = crate::sandbox::host_work(lua, 0, || {
+            enc.value(value, 0)
+                .map_err(|e| e.into_lua_error("json.encode"))
+        })
+        .and_then(|()| lua.create_string(&scratch.out[..]));
         scratch.trim();
         result
     })
