@@ -12,6 +12,7 @@ use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use mlua::{Lua, Table, Value};
 
+use crate::limits::Limits;
 use crate::modules::json;
 
 /// The parts of an HTTP request a handler sees. Borrowed: building the event copies what
@@ -143,8 +144,37 @@ pub(crate) fn http_event(lua: &Lua, request: &HttpRequest<'_>) -> mlua::Result<T
     Ok(event)
 }
 
-/// Converts a handler's return value to an HTTP response.
-pub(crate) fn http_response(value: Value) -> Result<HttpResponse, String> {
+/// Converts a handler's return value to an HTTP response, within the output caps.
+pub(crate) fn http_response(value: Value, limits: &Limits) -> Result<HttpResponse, String> {
+    let response = to_response(value)?;
+    if response.body.len() > limits.response_body_bytes {
+        return Err(format!(
+            "response body is {} bytes; the limit is {}",
+            response.body.len(),
+            limits.response_body_bytes
+        ));
+    }
+    if response.headers.len() > limits.response_headers {
+        return Err(format!(
+            "{} response headers; the limit is {}",
+            response.headers.len(),
+            limits.response_headers
+        ));
+    }
+    if let Some((name, _)) = response
+        .headers
+        .iter()
+        .find(|(_, value)| value.len() > limits.response_header_bytes)
+    {
+        return Err(format!(
+            "response header '{name}' is longer than {} bytes",
+            limits.response_header_bytes
+        ));
+    }
+    Ok(response)
+}
+
+fn to_response(value: Value) -> Result<HttpResponse, String> {
     match value {
         Value::Nil => Ok(HttpResponse {
             status: StatusCode::NO_CONTENT,

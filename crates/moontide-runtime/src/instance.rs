@@ -180,7 +180,15 @@ impl Instance {
     ) -> Result<Vec<u8>, CallError> {
         let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e, None))?;
         let value = self.call(event, request_id).await?;
-        contract::direct_result_json(&value).map_err(|e| self.bad_result(e))
+        let json = contract::direct_result_json(&value).map_err(|e| self.bad_result(e))?;
+        if json.len() > self.limits.response_body_bytes {
+            return Err(self.bad_result(format!(
+                "result is {} bytes of JSON; the limit is {}",
+                json.len(),
+                self.limits.response_body_bytes
+            )));
+        }
+        Ok(json)
     }
 
     /// HTTP trigger: the event is an API Gateway proxy event (v1); the result becomes the
@@ -191,7 +199,7 @@ impl Instance {
     ) -> Result<HttpResponse, CallError> {
         let event = contract::http_event(&self.lua, request).map_err(|e| classify(&e, None))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
-        contract::http_response(value).map_err(|e| self.bad_result(e))
+        contract::http_response(value, &self.limits).map_err(|e| self.bad_result(e))
     }
 
     /// `true` if the instance broke a limit and must not serve another call.

@@ -13,6 +13,11 @@ pub struct Limits {
     pub log_line_bytes: usize,
     /// Cap on an outbound HTTP response body read by `http.request`, in bytes.
     pub http_body_bytes: usize,
+    /// Cap on a response body (or a direct invocation's JSON result), in bytes.
+    pub response_body_bytes: usize,
+    /// Cap on the number of response headers, and on each header value's bytes.
+    pub response_headers: usize,
+    pub response_header_bytes: usize,
 }
 
 impl Limits {
@@ -32,6 +37,9 @@ impl Default for Limits {
             memory_bytes: Self::DEFAULT_MEMORY_BYTES,
             log_line_bytes: 16 << 10,
             http_body_bytes: 10 << 20,
+            response_body_bytes: 6 << 20,
+            response_headers: 100,
+            response_header_bytes: 8 << 10,
         }
     }
 }
