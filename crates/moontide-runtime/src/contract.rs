@@ -10,7 +10,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
-use mlua::{Lua, Table, Value};
+use mlua::{Lua, LuaString, Table, Value};
 
 use crate::limits::Limits;
 use crate::modules::json;
@@ -49,56 +49,117 @@ pub struct HttpResponse {
 static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// The event's constant keys, interned once per instance: setting a field then pushes a
+/// reference instead of hashing and interning the key again on every request.
+pub(crate) struct EventKeys {
+    resource: LuaString,
+    path: LuaString,
+    http_method: LuaString,
+    headers: LuaString,
+    multi_value_headers: LuaString,
+    query: LuaString,
+    multi_value_query: LuaString,
+    path_parameters: LuaString,
+    body: LuaString,
+    is_base64: LuaString,
+    request_context: LuaString,
+    request_id: LuaString,
+    request_time_epoch: LuaString,
+    resource_path: LuaString,
+    protocol: LuaString,
+    stage: LuaString,
+    default_stage: LuaString,
+    identity: LuaString,
+    source_ip: LuaString,
+    user_agent: LuaString,
+}
+
+impl EventKeys {
+    pub(crate) fn new(lua: &Lua) -> mlua::Result<EventKeys> {
+        let key = |text: &str| lua.create_string(text);
+        Ok(EventKeys {
+            resource: key("resource")?,
+            path: key("path")?,
+            http_method: key("httpMethod")?,
+            headers: key("headers")?,
+            multi_value_headers: key("multiValueHeaders")?,
+            query: key("queryStringParameters")?,
+            multi_value_query: key("multiValueQueryStringParameters")?,
+            path_parameters: key("pathParameters")?,
+            body: key("body")?,
+            is_base64: key("isBase64Encoded")?,
+            request_context: key("requestContext")?,
+            request_id: key("requestId")?,
+            request_time_epoch: key("requestTimeEpoch")?,
+            resource_path: key("resourcePath")?,
+            protocol: key("protocol")?,
+            stage: key("stage")?,
+            default_stage: key("$default")?,
+            identity: key("identity")?,
+            source_ip: key("sourceIp")?,
+            user_agent: key("userAgent")?,
+        })
+    }
+}
+
 /// Builds the proxy event table for one request.
-pub(crate) fn http_event(lua: &Lua, request: &HttpRequest<'_>) -> mlua::Result<Table> {
+pub(crate) fn http_event(
+    lua: &Lua,
+    keys: &EventKeys,
+    request: &HttpRequest<'_>,
+) -> mlua::Result<Table> {
     let event = lua.create_table_with_capacity(0, 12)?;
-    event.raw_set("resource", request.resource)?;
-    event.raw_set("path", request.path)?;
-    event.raw_set("httpMethod", request.method)?;
+    event.raw_set(&keys.resource, request.resource)?;
+    event.raw_set(&keys.path, request.path)?;
+    event.raw_set(&keys.http_method, request.method)?;
 
     // headers: one value per name (repeats joined with ", "), multiValueHeaders: all.
     let header_count = request.headers.keys_len();
     let headers = lua.create_table_with_capacity(0, header_count)?;
     let multi_headers = lua.create_table_with_capacity(0, header_count)?;
     for name in request.headers.keys() {
+        let name_key = lua.create_string(name.as_str())?;
         let mut values = request.headers.get_all(name).iter();
-        let first = values.next().map(HeaderValue::as_bytes).unwrap_or_default();
+        let first =
+            lua.create_string(values.next().map(HeaderValue::as_bytes).unwrap_or_default())?;
         let all = lua.create_table_with_capacity(1, 0)?;
-        all.raw_seti(1, lua.create_string(first)?)?;
+        all.raw_seti(1, &first)?;
         let mut joined: Option<Vec<u8>> = None;
         for (index, value) in values.enumerate() {
             all.raw_seti(index + 2, lua.create_string(value.as_bytes())?)?;
-            let buffer = joined.get_or_insert_with(|| first.to_vec());
+            let buffer = joined.get_or_insert_with(|| first.as_bytes().to_vec());
             buffer.extend_from_slice(b", ");
             buffer.extend_from_slice(value.as_bytes());
         }
         match joined {
-            Some(bytes) => headers.raw_set(name.as_str(), lua.create_string(&bytes)?)?,
-            None => headers.raw_set(name.as_str(), lua.create_string(first)?)?,
+            Some(bytes) => headers.raw_set(&name_key, lua.create_string(&bytes)?)?,
+            None => headers.raw_set(&name_key, first)?,
         }
-        multi_headers.raw_set(name.as_str(), all)?;
+        multi_headers.raw_set(name_key, all)?;
     }
-    event.raw_set("headers", headers)?;
-    event.raw_set("multiValueHeaders", multi_headers)?;
+    event.raw_set(&keys.headers, headers)?;
+    event.raw_set(&keys.multi_value_headers, multi_headers)?;
 
     // Query string: absent (nil) when there is none, as API Gateway does.
     if let Some(query) = request.query.filter(|q| !q.is_empty()) {
         let single = lua.create_table()?;
         let multi = lua.create_table()?;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            single.raw_set(&*key, &*value)?;
-            let list = match multi.raw_get::<Option<Table>>(&*key)? {
+            let key = lua.create_string(&*key)?;
+            let value = lua.create_string(&*value)?;
+            single.raw_set(&key, &value)?;
+            let list = match multi.raw_get::<Option<Table>>(&key)? {
                 Some(list) => list,
                 None => {
                     let list = lua.create_table()?;
-                    multi.raw_set(&*key, &list)?;
+                    multi.raw_set(&key, &list)?;
                     list
                 }
             };
-            list.raw_seti(list.raw_len() + 1, &*value)?;
+            list.raw_seti(list.raw_len() + 1, value)?;
         }
-        event.raw_set("queryStringParameters", single)?;
-        event.raw_set("multiValueQueryStringParameters", multi)?;
+        event.raw_set(&keys.query, single)?;
+        event.raw_set(&keys.multi_value_query, multi)?;
     }
 
     if !request.path_parameters.is_empty() {
@@ -106,41 +167,44 @@ pub(crate) fn http_event(lua: &Lua, request: &HttpRequest<'_>) -> mlua::Result<T
         for (key, value) in request.path_parameters {
             params.raw_set(*key, *value)?;
         }
-        event.raw_set("pathParameters", params)?;
+        event.raw_set(&keys.path_parameters, params)?;
     }
 
     // Text bodies as is; anything that is not UTF-8 is base64, as API Gateway does.
     if !request.body.is_empty() {
         match std::str::from_utf8(request.body) {
             Ok(text) => {
-                event.raw_set("body", text)?;
-                event.raw_set("isBase64Encoded", false)?;
+                event.raw_set(&keys.body, text)?;
+                event.raw_set(&keys.is_base64, false)?;
             }
             Err(_) => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(request.body);
-                event.raw_set("body", encoded)?;
-                event.raw_set("isBase64Encoded", true)?;
+                event.raw_set(&keys.body, encoded)?;
+                event.raw_set(&keys.is_base64, true)?;
             }
         }
     } else {
-        event.raw_set("isBase64Encoded", false)?;
+        event.raw_set(&keys.is_base64, false)?;
     }
 
     let context = lua.create_table_with_capacity(0, 8)?;
-    context.raw_set("requestId", request.request_id)?;
-    context.raw_set("requestTimeEpoch", request.request_time_epoch_ms as f64)?;
-    context.raw_set("httpMethod", request.method)?;
-    context.raw_set("path", request.path)?;
-    context.raw_set("resourcePath", request.resource)?;
-    context.raw_set("protocol", request.protocol)?;
-    context.raw_set("stage", "$default")?;
+    context.raw_set(&keys.request_id, request.request_id)?;
+    context.raw_set(
+        &keys.request_time_epoch,
+        request.request_time_epoch_ms as f64,
+    )?;
+    context.raw_set(&keys.http_method, request.method)?;
+    context.raw_set(&keys.path, request.path)?;
+    context.raw_set(&keys.resource_path, request.resource)?;
+    context.raw_set(&keys.protocol, request.protocol)?;
+    context.raw_set(&keys.stage, &keys.default_stage)?;
     let identity = lua.create_table_with_capacity(0, 2)?;
-    identity.raw_set("sourceIp", request.source_ip)?;
+    identity.raw_set(&keys.source_ip, request.source_ip)?;
     if let Some(agent) = request.headers.get(http::header::USER_AGENT) {
-        identity.raw_set("userAgent", lua.create_string(agent.as_bytes())?)?;
+        identity.raw_set(&keys.user_agent, lua.create_string(agent.as_bytes())?)?;
     }
-    context.raw_set("identity", identity)?;
-    event.raw_set("requestContext", context)?;
+    context.raw_set(&keys.identity, identity)?;
+    event.raw_set(&keys.request_context, context)?;
     Ok(event)
 }
 

@@ -120,6 +120,7 @@ pub struct Instance {
     lua: Lua,
     handler: Function,
     ctx: Table,
+    event_keys: contract::EventKeys,
     state: Rc<CallState>,
     emit_log: EmitLog,
     limits: Limits,
@@ -146,10 +147,13 @@ impl Instance {
         })?;
         let ctx = build_ctx(&sandbox.lua, spec, &sandbox.state, &sandbox.emit_log)
             .map_err(|e| InstanceError::Setup(e.to_string()))?;
+        let event_keys = contract::EventKeys::new(&sandbox.lua)
+            .map_err(|e| InstanceError::Setup(e.to_string()))?;
         let mut instance = Instance {
             lua: sandbox.lua,
             handler: sandbox.main.clone(),
             ctx,
+            event_keys,
             state: sandbox.state,
             emit_log: sandbox.emit_log,
             limits: spec.limits,
@@ -197,7 +201,8 @@ impl Instance {
         &mut self,
         request: &HttpRequest<'_>,
     ) -> Result<HttpResponse, CallError> {
-        let event = contract::http_event(&self.lua, request).map_err(|e| classify(&e, None))?;
+        let event = contract::http_event(&self.lua, &self.event_keys, request)
+            .map_err(|e| classify(&e, None))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
         contract::http_response(value, &self.limits).map_err(|e| self.bad_result(e))
     }
@@ -236,6 +241,7 @@ impl Instance {
         F: std::future::Future<Output = mlua::Result<Value>>,
     {
         let timeout = self.limits.timeout;
+        let _ticking = clock::Ticking::start();
         let deadline = clock::now_ms() + timeout.as_millis() as u64;
         self.state.begin(request_id, deadline);
         // Until the call completes the instance counts as broken: if the caller abandons
@@ -244,7 +250,20 @@ impl Instance {
         self.broken = true;
         let cap = MemoryCap::arm(&self.lua, self.limits.memory_bytes)
             .map_err(|e| CallError::Runtime(format!("arming the memory cap: {e}")))?;
-        let outcome = tokio::time::timeout(timeout + Duration::from_millis(1), start()).await;
+        // Each resume gets a fresh timeslice: a call that yielded and waited its turn must
+        // make progress when it runs again, not yield at its next interrupt (which stalled
+        // calls for a second under 64 connections).
+        let state = self.state.clone();
+        let mut call = std::pin::pin!(start());
+        let resumed_with_fresh_slice = std::future::poll_fn(move |cx| {
+            state
+                .slice_end_ms
+                .set(clock::now_ms() + sandbox::TIMESLICE_MS);
+            call.as_mut().poll(cx)
+        });
+        let outcome =
+            tokio::time::timeout(timeout + Duration::from_millis(1), resumed_with_fresh_slice)
+                .await;
         drop(cap);
         let limit_hit = self.state.limit_hit.get();
         self.state.end();
