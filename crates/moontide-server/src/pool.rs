@@ -99,6 +99,30 @@ pub enum AcquireError {
     Init(InstanceError),
 }
 
+/// Creates an instance in a slot already reserved with `try_reserve*`, counting it; a
+/// failure gives the slot back.
+async fn cold_start(
+    engine: &Engine,
+    function: &Arc<DeployedFunction>,
+) -> Result<Instance, InstanceError> {
+    function.pool.instances_gauge.inc();
+    let started = Instant::now();
+    match Instance::new(engine, &function.compiled, &function.spec).await {
+        Ok(instance) => {
+            function.metrics.cold_starts.inc();
+            function
+                .metrics
+                .cold_start_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok(instance)
+        }
+        Err(error) => {
+            function.pool.instance_gone();
+            Err(error)
+        }
+    }
+}
+
 struct LocalPool {
     function: Arc<DeployedFunction>,
     idle: Vec<(Instance, Instant)>,
@@ -167,22 +191,10 @@ impl LocalPools {
                 return Ok(lease(instance));
             }
             if shared.try_reserve() {
-                shared.instances_gauge.inc();
-                let started = Instant::now();
-                return match Instance::new(engine, &function.compiled, &function.spec).await {
-                    Ok(instance) => {
-                        function.metrics.cold_starts.inc();
-                        function
-                            .metrics
-                            .cold_start_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        Ok(lease(instance))
-                    }
-                    Err(error) => {
-                        shared.instance_gone();
-                        Err(AcquireError::Init(error))
-                    }
-                };
+                return cold_start(engine, function)
+                    .await
+                    .map(lease)
+                    .map_err(AcquireError::Init);
             }
             if shared.waiting.load(Ordering::Relaxed) >= MAX_WAITING {
                 return Err(AcquireError::Overloaded);
@@ -283,19 +295,9 @@ impl LocalPools {
             {
                 continue;
             }
-            function.pool.instances_gauge.inc();
-            let started = Instant::now();
-            match Instance::new(engine, &function.compiled, &function.spec).await {
-                Ok(instance) => {
-                    function.metrics.cold_starts.inc();
-                    function
-                        .metrics
-                        .cold_start_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    self.release(&function, instance);
-                }
+            match cold_start(engine, &function).await {
+                Ok(instance) => self.release(&function, instance),
                 Err(error) => {
-                    function.pool.instance_gone();
                     function.metrics.error(error.kind());
                     tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");
                 }

@@ -421,15 +421,7 @@ async fn limits_end_the_call_and_the_next_call_works() {
     );
     assert_eq!(node.get("/fn/hog").await.text().await.unwrap(), "ok");
 
-    let metrics = node
-        .http
-        .get(format!("{}/metrics", node.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         metrics.contains(r#"moontide_function_errors_total{function="spin",kind="timeout"} 1"#),
         "{metrics}"
@@ -583,15 +575,7 @@ async fn probes_and_metrics_answer() {
             assert_eq!(r.status(), 200, "{base}{probe}");
         }
     }
-    let metrics = node
-        .http
-        .get(format!("{}/metrics", node.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     for series in [
         r#"moontide_requests_total{function="greeting",trigger="http"} 1"#,
         r#"moontide_request_duration_seconds_count{function="greeting"} 1"#,

@@ -115,15 +115,7 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
             ));
         }
     }
-    let metrics = node
-        .http
-        .get(format!("{}/metrics", node.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     for case in corpus() {
         let series = format!(
             r#"moontide_function_errors_total{{function="{}",kind="{}"}} 1"#,

@@ -194,6 +194,17 @@ impl Node {
             .collect()
     }
 
+    /// The Prometheus exposition from the admin port.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics");
+        response.text().await.expect("metrics body")
+    }
+
     pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
