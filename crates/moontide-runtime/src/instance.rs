@@ -141,7 +141,7 @@ impl Instance {
             env: &spec.env,
             log: spec.log.clone(),
         })
-        .map_err(|e| match classify(&e, None) {
+        .map_err(|e| match classify(&e) {
             CallError::MemoryLimit => InstanceError::Init(CallError::MemoryLimit),
             _ => InstanceError::Setup(e.to_string()),
         })?;
@@ -182,7 +182,7 @@ impl Instance {
         payload: &serde_json::Value,
         request_id: &str,
     ) -> Result<Vec<u8>, CallError> {
-        let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e, None))?;
+        let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e))?;
         let value = self.call(event, request_id).await?;
         let json = contract::direct_result_json(&value).map_err(|e| self.bad_result(e))?;
         if json.len() > self.limits.response_body_bytes {
@@ -201,8 +201,8 @@ impl Instance {
         &mut self,
         request: &HttpRequest<'_>,
     ) -> Result<HttpResponse, CallError> {
-        let event = contract::http_event(&self.lua, &self.event_keys, request)
-            .map_err(|e| classify(&e, None))?;
+        let event =
+            contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
         contract::http_response(value, &self.limits).map_err(|e| self.bad_result(e))
     }
@@ -220,7 +220,7 @@ impl Instance {
     async fn call(&mut self, event: Value, request_id: &str) -> Result<Value, CallError> {
         self.ctx
             .raw_set("request_id", request_id)
-            .map_err(|e| classify(&e, None))?;
+            .map_err(|e| classify(&e))?;
         let handler = self.handler.clone();
         let ctx = self.ctx.clone();
         self.run(
@@ -270,7 +270,7 @@ impl Instance {
         let result = match (outcome, limit_hit) {
             (_, Some(LimitHit::Timeout)) | (Err(_), _) => Err(CallError::Timeout),
             (Ok(Ok(value)), None) => Ok(value),
-            (Ok(Err(error)), None) => Err(classify(&error, Some(&self.lua))),
+            (Ok(Err(error)), None) => Err(classify(&error)),
         };
         self.broken = matches!(result, Err(CallError::Timeout | CallError::MemoryLimit));
         if let Err(error) = &result {
@@ -315,15 +315,14 @@ fn build_ctx(
 
 /// Maps an mlua error to its kind. A runtime error's message keeps the traceback when Lua
 /// gives one.
-fn classify(error: &mlua::Error, lua: Option<&Lua>) -> CallError {
-    let _ = lua;
+fn classify(error: &mlua::Error) -> CallError {
     match error {
         mlua::Error::MemoryError(_) => CallError::MemoryLimit,
-        mlua::Error::CallbackError { cause, traceback } => match classify(cause, None) {
+        mlua::Error::CallbackError { cause, traceback } => match classify(cause) {
             CallError::Runtime(message) => CallError::Runtime(format!("{message}\n{traceback}")),
             other => other,
         },
-        mlua::Error::WithContext { cause, .. } => classify(cause, None),
+        mlua::Error::WithContext { cause, .. } => classify(cause),
         other => CallError::Runtime(other.to_string()),
     }
 }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use moontide_runtime::{CallError, Engine, HttpRequest, InstanceError};
 
 use crate::errors::ApiError;
@@ -62,7 +62,6 @@ impl Worker {
             .timer(TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(30));
         builder.http2().timer(TokioTimer::new());
-        let _ = TokioExecutor::new();
         Worker {
             snapshot: RefCell::new(Cache::new(registry.cell())),
             engine,

@@ -304,9 +304,4 @@ impl LocalPools {
             }
         }
     }
-
-    /// Idle instances on this thread, per function id (for `/v1/status`).
-    pub fn idle_count(&self) -> usize {
-        self.pools.borrow().values().map(|p| p.idle.len()).sum()
-    }
 }
