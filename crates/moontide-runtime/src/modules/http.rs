@@ -90,6 +90,8 @@ fn parse_request(
     }
     match field("body")? {
         Value::Nil => {}
+        // `http.post(url, body, opts)`: the positional body wins over `opts.body`.
+        Value::String(_) if request.body.is_some() => {}
         Value::String(s) => request.body = Some(s.as_bytes().to_vec()),
         other => return Err(format!("body must be a string, got {}", other.type_name())),
     }
