@@ -5,7 +5,9 @@
 //! and call, so it reads this atomic instead. One background thread advances it every
 //! millisecond (the epoch-ticker pattern wasmtime uses for its epoch interruption) — but
 //! only while calls are in flight: an idle node's ticker sleeps, and the first call to
-//! start refreshes the clock precisely before anything reads it.
+//! start refreshes the clock precisely before anything reads it. After each tick the
+//! ticker runs the watchdog, which arms the interrupt of calls whose timeslice or deadline
+//! is due (`watchdog`).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,7 +37,9 @@ pub fn start() {
                         continue;
                     }
                     std::thread::sleep(Duration::from_millis(1));
-                    NOW_MS.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    let now = origin.elapsed().as_millis() as u64;
+                    NOW_MS.store(now, Ordering::Relaxed);
+                    crate::watchdog::tick(now);
                 }
             })
             .expect("spawning the clock thread")

@@ -13,7 +13,8 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, Table, Value};
 
@@ -21,10 +22,12 @@ use crate::clock;
 use crate::compile::CompiledFunction;
 use crate::contract::{self, HttpRequest, HttpResponse};
 use crate::engine::Engine;
+use crate::fairness::{self, Seat};
 use crate::limits::Limits;
 use crate::modules::json;
 use crate::modules::log::EmitLog;
 use crate::sandbox::{self, CallState, LimitHit, MemoryCap, SandboxSpec};
+use crate::watchdog::Watched;
 
 /// Severity of a function log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -254,16 +257,42 @@ impl Instance {
         // make progress when it runs again, not yield at its next interrupt (which stalled
         // calls for a second under 64 connections).
         let state = self.state.clone();
+        let watched = Watched::start(self.state.switch());
         let mut call = std::pin::pin!(start());
-        let resumed_with_fresh_slice = std::future::poll_fn(move |cx| {
-            state
-                .slice_end_ms
-                .set(clock::now_ms() + sandbox::TIMESLICE_MS);
-            call.as_mut().poll(cx)
-        });
-        let outcome =
-            tokio::time::timeout(timeout + Duration::from_millis(1), resumed_with_fresh_slice)
+        let mut seat = Seat::new();
+        // Each resume gets a fresh timeslice: a call that yielded and waited its turn must
+        // make progress when it runs again, not yield at its next interrupt (which stalled
+        // calls for a second under 64 connections). A call that used up its slice waits
+        // for the thread's long lane (`fairness`) before it runs again.
+        let fair_call = async {
+            loop {
+                let step = std::future::poll_fn(|cx| {
+                    state.new_slice(clock::now_ms());
+                    state.slice_yielded.set(false);
+                    fairness::note_poll();
+                    let started = Instant::now();
+                    match call.as_mut().poll(cx) {
+                        Poll::Ready(result) => Poll::Ready(Step::Done(result)),
+                        Poll::Pending if state.slice_yielded.get() => {
+                            Poll::Ready(Step::Sliced(started.elapsed()))
+                        }
+                        Poll::Pending => {
+                            // Waiting on I/O, not the CPU: let other long calls run.
+                            seat.release();
+                            Poll::Pending
+                        }
+                    }
+                })
                 .await;
+                match step {
+                    Step::Done(result) => break result,
+                    Step::Sliced(ran) => seat.after_slice(ran).await,
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(timeout + Duration::from_millis(1), fair_call).await;
+        drop(seat);
+        drop(watched);
         drop(cap);
         let limit_hit = self.state.limit_hit.get();
         self.state.end();
@@ -284,6 +313,12 @@ impl Instance {
         (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
         error
     }
+}
+
+/// One poll of a call: finished, or yielded at the end of a slice that ran this long.
+enum Step<T> {
+    Done(T),
+    Sliced(Duration),
 }
 
 /// `ctx`: built once per instance; `request_id` is set before each call.

@@ -13,7 +13,7 @@
 //! (`loadstring` only compiles text), `require` of files or C modules, or changing a shared
 //! library or the string metatable.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -28,6 +28,7 @@ use crate::instance::LogSink;
 use crate::limits::Limits;
 use crate::modules;
 use crate::modules::log::EmitLog;
+use crate::watchdog::InterruptSwitch;
 
 /// How often a long-running call yields back to the I/O loop of its thread, in coarse
 /// clock milliseconds, so one CPU-bound call cannot starve the other requests it shares a
@@ -49,8 +50,12 @@ pub(crate) struct CallState {
     /// Coarse-clock millisecond after which the call yields to the I/O loop.
     pub slice_end_ms: Cell<u64>,
     pub limit_hit: Cell<Option<LimitHit>>,
+    /// Set by the interrupt when it yields at the end of a timeslice.
+    pub slice_yielded: Cell<bool>,
     /// The request id of the call in progress, for log lines.
     pub request_id: RefCell<Rc<str>>,
+    /// Turns the state's interrupt on and off (set once, right after the state is built).
+    switch: OnceCell<Arc<InterruptSwitch>>,
 }
 
 impl CallState {
@@ -59,20 +64,65 @@ impl CallState {
             deadline_ms: Cell::new(u64::MAX),
             slice_end_ms: Cell::new(u64::MAX),
             limit_hit: Cell::new(None),
+            slice_yielded: Cell::new(false),
             request_id: RefCell::new(Rc::from("init")),
+            switch: OnceCell::new(),
         }
+    }
+
+    pub fn switch(&self) -> &Arc<InterruptSwitch> {
+        self.switch
+            .get()
+            .expect("the interrupt switch is installed when the sandbox is built")
     }
 
     pub fn begin(&self, request_id: &str, deadline_ms: u64) {
         *self.request_id.borrow_mut() = Rc::from(request_id);
         self.deadline_ms.set(deadline_ms);
-        self.slice_end_ms.set(clock::now_ms() + TIMESLICE_MS);
         self.limit_hit.set(None);
+        self.new_slice(clock::now_ms());
+    }
+
+    /// Starts a fresh timeslice at `now_ms` and tells the watchdog when to arm the
+    /// interrupt next: at the end of the slice or at the deadline, whichever is first.
+    pub fn new_slice(&self, now_ms: u64) {
+        let slice_end = now_ms + TIMESLICE_MS;
+        self.slice_end_ms.set(slice_end);
+        self.schedule_interrupt();
+    }
+
+    fn schedule_interrupt(&self) {
+        let due = self.slice_end_ms.get().min(self.deadline_ms.get());
+        self.switch().arm_at(due);
     }
 
     pub fn end(&self) {
         self.deadline_ms.set(u64::MAX);
         self.slice_end_ms.set(u64::MAX);
+    }
+
+    /// The interrupt: ends a call past its deadline (and stays armed, so that every later
+    /// safepoint raises again and a `pcall` cannot swallow the timeout), or yields at the
+    /// end of a timeslice. It runs only when the watchdog armed it, and switches itself off.
+    fn interrupt(&self) -> mlua::Result<VmState> {
+        let switch = self.switch();
+        switch.disarm();
+        let now = clock::now_ms();
+        if now >= self.deadline_ms.get() {
+            self.limit_hit.set(Some(LimitHit::Timeout));
+            switch.arm();
+            return Err(mlua::Error::runtime("function timed out"));
+        }
+        if now >= self.slice_end_ms.get() {
+            // If the interrupt cannot yield here (inside a C call), mlua continues; the
+            // next slice's end arms it again.
+            self.new_slice(now);
+            self.slice_yielded.set(true);
+            return Ok(VmState::Yield);
+        }
+        // Armed early (a slice of an earlier resume): reschedule.
+        self.schedule_interrupt();
+        Ok(VmState::Continue)
     }
 
     /// Milliseconds left in the current call (0 when past the deadline or idle).
@@ -207,19 +257,11 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
 
     lua.sandbox(true)?;
 
+    // The interrupt is installed switched off; the watchdog arms it when a call's slice
+    // or deadline is due, so safepoints cost nothing until then.
     let interrupt_state = state.clone();
-    lua.set_interrupt(move |_| {
-        let now = clock::now_ms();
-        if now >= interrupt_state.deadline_ms.get() {
-            interrupt_state.limit_hit.set(Some(LimitHit::Timeout));
-            return Err(mlua::Error::runtime("function timed out"));
-        }
-        if now >= interrupt_state.slice_end_ms.get() {
-            interrupt_state.slice_end_ms.set(now + TIMESLICE_MS);
-            return Ok(VmState::Yield);
-        }
-        Ok(VmState::Continue)
-    });
+    let switch = InterruptSwitch::install(&lua, move |_| interrupt_state.interrupt())?;
+    let _ = state.switch.set(Arc::new(switch));
 
     let main = load_module(&lua, &spec.function.main)?;
     lua.set_app_data(MemoryBudget {
