@@ -1,4 +1,5 @@
--- expect: 504 function_timeout
+-- expect: 503 function_blocked
+-- then: 504 function_timeout
 -- config: {"timeout": "200ms"}
 return function(event)
   if event.queryStringParameters then return "ok" end

@@ -69,6 +69,10 @@ pub enum CallError {
     /// The handler returned something that is not a valid result.
     #[error("invalid result: {0}")]
     BadResult(String),
+    /// The call ran longer than its blocking cap inside one C function (a pattern match,
+    /// a sort), where it cannot yield, on a thread that serves other calls.
+    #[error("function held its thread for {0} ms without yielding")]
+    Blocking(u64),
 }
 
 impl CallError {
@@ -79,6 +83,7 @@ impl CallError {
             CallError::MemoryLimit => "memory",
             CallError::Runtime(_) => "runtime",
             CallError::BadResult(_) => "result",
+            CallError::Blocking(_) => "blocking",
         }
     }
 }
@@ -128,6 +133,28 @@ pub struct Instance {
     emit_log: EmitLog,
     limits: Limits,
     broken: bool,
+    last_call: CallStats,
+}
+
+/// What the last call cost its thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallStats {
+    /// Wall time spent in the call's resumes, excluding waits (includes time the kernel
+    /// gave the thread's core to other threads).
+    pub running: Duration,
+    /// The longest single resume: how long the call held its thread in one go.
+    pub longest_resume: Duration,
+    /// Thread CPU time of the resumes after the call first used up a timeslice. Short
+    /// calls never pay for reading the CPU clock (a system call); a call that is still
+    /// running after a slice is measured exactly, so preemption by the kernel cannot make
+    /// a short call look long.
+    pub cpu_after_first_slice: Duration,
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 impl Instance {
@@ -161,6 +188,7 @@ impl Instance {
             emit_log: sandbox.emit_log,
             limits: spec.limits,
             broken: false,
+            last_call: CallStats::default(),
         };
         let init = sandbox.main;
         let result = instance
@@ -215,6 +243,18 @@ impl Instance {
         self.broken
     }
 
+    /// What the last call (or the init) cost its thread.
+    pub fn last_call(&self) -> CallStats {
+        self.last_call
+    }
+
+    /// Caps how long one call may hold the thread without yielding (`None`: no cap).
+    /// Threads that serve many functions set it; a thread given to long calls does not.
+    pub fn set_blocking_cap(&mut self, cap: Option<Duration>) {
+        let cap_ms = cap.map_or(u64::MAX, |cap| (cap.as_millis() as u64).max(1));
+        self.state.blocking_cap_ms.set(cap_ms);
+    }
+
     /// Bytes the Lua state holds now.
     pub fn used_memory(&self) -> usize {
         self.lua.used_memory()
@@ -260,6 +300,8 @@ impl Instance {
         let watched = Watched::start(self.state.switch());
         let mut call = std::pin::pin!(start());
         let mut seat = Seat::new();
+        let mut stats = CallStats::default();
+        let mut used_a_slice = false;
         // Each resume gets a fresh timeslice: a call that yielded and waited its turn must
         // make progress when it runs again, not yield at its next interrupt (which stalled
         // calls for a second under 64 connections). A call that used up its slice waits
@@ -267,14 +309,25 @@ impl Instance {
         let fair_call = async {
             loop {
                 let step = std::future::poll_fn(|cx| {
-                    state.new_slice(clock::now_ms());
+                    let now = clock::now_ms();
+                    state.resumed_at_ms.set(now);
+                    state.new_slice(now);
                     state.slice_yielded.set(false);
                     fairness::note_poll();
+                    let cpu_started = used_a_slice.then(thread_cpu_time);
                     let started = Instant::now();
-                    match call.as_mut().poll(cx) {
+                    let poll = call.as_mut().poll(cx);
+                    let ran = started.elapsed();
+                    stats.running += ran;
+                    stats.longest_resume = stats.longest_resume.max(ran);
+                    if let Some(cpu_started) = cpu_started {
+                        stats.cpu_after_first_slice += thread_cpu_time() - cpu_started;
+                    }
+                    used_a_slice |= state.slice_yielded.get();
+                    match poll {
                         Poll::Ready(result) => Poll::Ready(Step::Done(result)),
                         Poll::Pending if state.slice_yielded.get() => {
-                            Poll::Ready(Step::Sliced(started.elapsed()))
+                            Poll::Ready(Step::Sliced(ran))
                         }
                         Poll::Pending => {
                             // Waiting on I/O, not the CPU: let other long calls run.
@@ -292,16 +345,23 @@ impl Instance {
         };
         let outcome = tokio::time::timeout(timeout + Duration::from_millis(1), fair_call).await;
         drop(seat);
+        self.last_call = stats;
         drop(watched);
         drop(cap);
         let limit_hit = self.state.limit_hit.get();
         self.state.end();
         let result = match (outcome, limit_hit) {
             (_, Some(LimitHit::Timeout)) | (Err(_), _) => Err(CallError::Timeout),
+            (_, Some(LimitHit::Blocking)) => {
+                Err(CallError::Blocking(self.state.blocking_cap_ms.get()))
+            }
             (Ok(Ok(value)), None) => Ok(value),
             (Ok(Err(error)), None) => Err(classify(&error)),
         };
-        self.broken = matches!(result, Err(CallError::Timeout | CallError::MemoryLimit));
+        self.broken = matches!(
+            result,
+            Err(CallError::Timeout | CallError::MemoryLimit | CallError::Blocking(_))
+        );
         if let Err(error) = &result {
             (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
         }
@@ -522,6 +582,56 @@ mod tests {
                 .lock()
                 .iter()
                 .any(|l| l.contains("function timed out"))
+        );
+    }
+
+    /// A pattern bomb runs inside the C matcher, where the interrupt cannot yield: with a
+    /// blocking cap it ends with its own kind long before its (generous) timeout; without
+    /// one, only the timeout ends it.
+    #[tokio::test]
+    async fn the_blocking_cap_ends_a_call_that_cannot_yield() {
+        const BOMB: &str = "return function()
+            local s = string.rep('a', 40)
+            while true do pcall(string.find, s, string.rep('a*', 20) .. 'b') end
+          end";
+        let limits = Limits {
+            timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (mut capped, lines) = instance_with(BOMB, limits).await;
+        capped.set_blocking_cap(Some(Duration::from_millis(20)));
+        let result = capped.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::Blocking(20)));
+        assert_eq!(result.unwrap_err().kind(), "blocking");
+        assert!(capped.is_broken());
+        assert!(
+            lines
+                .0
+                .lock()
+                .iter()
+                .any(|l| l.contains("without yielding"))
+        );
+
+        let (mut uncapped, _) = instance_with(BOMB, limits).await;
+        let result = uncapped.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::Timeout));
+    }
+
+    /// A yieldable long call never hits the blocking cap: each resume is one timeslice.
+    #[tokio::test]
+    async fn the_blocking_cap_spares_calls_that_yield() {
+        let (mut instance, _) = instance_with(
+            "return function() local s = 0 for i = 1, 3e7 do s = s + i end return s end",
+            Limits::default(),
+        )
+        .await;
+        instance.set_blocking_cap(Some(Duration::from_millis(20)));
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert!(result.is_ok(), "{result:?}");
+        let stats = instance.last_call();
+        assert!(
+            stats.running > stats.longest_resume,
+            "it ran in several resumes"
         );
     }
 

@@ -39,7 +39,9 @@ mod watchdog;
 pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
 pub use contract::{HttpRequest, HttpResponse};
 pub use engine::{Engine, EngineConfig};
-pub use instance::{CallError, Instance, InstanceError, InstanceSpec, LogLevel, LogSink};
+pub use instance::{
+    CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink,
+};
 pub use limits::Limits;
 
 /// Installs the process-wide TLS crypto provider (ring) for outbound HTTPS; idempotent.

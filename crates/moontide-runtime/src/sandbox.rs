@@ -40,6 +40,9 @@ pub const TIMESLICE_MS: u64 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitHit {
     Timeout,
+    /// The call held its thread longer than its blocking cap without being able to yield
+    /// (inside a C function such as `string.find` or `table.sort`).
+    Blocking,
 }
 
 /// Per-instance call state shared with the interrupt and the log functions.
@@ -52,6 +55,10 @@ pub(crate) struct CallState {
     pub limit_hit: Cell<Option<LimitHit>>,
     /// Set by the interrupt when it yields at the end of a timeslice.
     pub slice_yielded: Cell<bool>,
+    /// Coarse-clock millisecond at which the call was last resumed.
+    pub resumed_at_ms: Cell<u64>,
+    /// Longest a call may run without yielding, in ms (`u64::MAX`: no cap).
+    pub blocking_cap_ms: Cell<u64>,
     /// The request id of the call in progress, for log lines.
     pub request_id: RefCell<Rc<str>>,
     /// Turns the state's interrupt on and off (set once, right after the state is built).
@@ -65,6 +72,8 @@ impl CallState {
             slice_end_ms: Cell::new(u64::MAX),
             limit_hit: Cell::new(None),
             slice_yielded: Cell::new(false),
+            resumed_at_ms: Cell::new(0),
+            blocking_cap_ms: Cell::new(u64::MAX),
             request_id: RefCell::new(Rc::from("init")),
             switch: OnceCell::new(),
         }
@@ -101,17 +110,33 @@ impl CallState {
         self.slice_end_ms.set(u64::MAX);
     }
 
-    /// The interrupt: ends a call past its deadline (and stays armed, so that every later
-    /// safepoint raises again and a `pcall` cannot swallow the timeout), or yields at the
-    /// end of a timeslice. It runs only when the watchdog armed it, and switches itself off.
+    /// The interrupt: ends a call past its deadline or its blocking cap (and stays armed,
+    /// so that every later safepoint raises again and a `pcall` cannot swallow the error),
+    /// or yields at the end of a timeslice. It runs only when the watchdog armed it, and
+    /// switches itself off.
     fn interrupt(&self) -> mlua::Result<VmState> {
         let switch = self.switch();
         switch.disarm();
         let now = clock::now_ms();
-        if now >= self.deadline_ms.get() {
-            self.limit_hit.set(Some(LimitHit::Timeout));
-            switch.arm();
-            return Err(mlua::Error::runtime("function timed out"));
+        if self.limit_hit.get().is_none() {
+            if now >= self.deadline_ms.get() {
+                self.limit_hit.set(Some(LimitHit::Timeout));
+            } else if now.saturating_sub(self.resumed_at_ms.get()) >= self.blocking_cap_ms.get() {
+                self.limit_hit.set(Some(LimitHit::Blocking));
+            }
+        }
+        match self.limit_hit.get() {
+            Some(LimitHit::Timeout) => {
+                switch.arm();
+                return Err(mlua::Error::runtime("function timed out"));
+            }
+            Some(LimitHit::Blocking) => {
+                switch.arm();
+                return Err(mlua::Error::runtime(
+                    "function held its thread too long without yielding",
+                ));
+            }
+            None => {}
         }
         if now >= self.slice_end_ms.get() {
             // If the interrupt cannot yield here (inside a C call), mlua continues; the

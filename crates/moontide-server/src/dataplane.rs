@@ -6,13 +6,21 @@
 //! the function, a body read bounded in size, an instance from the thread's pool, the
 //! call, the response. Failures become JSON errors carrying the request id; the details go
 //! to the function's log, never to the client.
+//!
+//! Calls of *long-running* functions — one of their calls used more than [`LONG_CALL`] of
+//! CPU past its first timeslice, or hit the blocking cap — are not run on the connection's thread but handed to the long-call
+//! worker ([`Role::LongCalls`]), so a CPU-heavy or hostile function competes with the
+//! I/O threads through the kernel's scheduler instead of stalling them: Luau can yield
+//! from its interrupt only in Lua code, not inside a C function such as `string.find` or
+//! `table.sort`. A call still running inline is capped at [`INLINE_BLOCKING_CAP`] without
+//! yielding; past that it ends (`503`, kind `blocking`) and its function is marked.
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Cache};
 use bytes::Bytes;
@@ -20,7 +28,8 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use moontide_runtime::{CallError, Engine, HttpRequest, InstanceError};
+use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, InstanceError};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::errors::ApiError;
 use crate::pool::{AcquireError, LocalPools};
@@ -28,6 +37,72 @@ use crate::registry::{DeployedFunction, Registry, Snapshot};
 use crate::worker::{InvokeOutput, Job};
 
 static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// CPU time a call may use after its first timeslice before its function counts as
+/// long-running (`CallStats::cpu_after_first_slice`: measured in thread CPU time, so a
+/// short call the kernel preempted does not count).
+pub const LONG_CALL: Duration = Duration::from_millis(2 * moontide_runtime::sandbox::TIMESLICE_MS);
+
+/// Longest an inline call may hold an I/O thread without yielding.
+pub const INLINE_BLOCKING_CAP: Duration = Duration::from_millis(100);
+
+/// What a worker thread is for.
+pub enum Role {
+    /// Accepts connections and runs calls inline, except those of long-running functions,
+    /// which go to the long-call worker through `long_calls`.
+    Io {
+        long_calls: mpsc::UnboundedSender<Job>,
+    },
+    /// Runs the calls of long-running functions (no listener, no blocking cap).
+    LongCalls,
+}
+
+/// A request handed to another thread: owns what the event borrows.
+pub struct OwnedRequest {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: Bytes,
+    source_ip: Arc<str>,
+    request_id: String,
+    request_time_epoch_ms: u64,
+    resource: &'static str,
+    /// Where the `proxy` path parameter starts in the path.
+    proxy_at: usize,
+    protocol: &'static str,
+}
+
+impl OwnedRequest {
+    fn proxy(&self) -> &str {
+        &self.uri.path()[self.proxy_at..]
+    }
+
+    /// The event's view of the request; `parameters` holds the path parameters (see
+    /// [`OwnedRequest::path_parameters`]).
+    fn event<'a>(&'a self, parameters: &'a [(&'a str, &'a str)]) -> HttpRequest<'a> {
+        HttpRequest {
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            query: self.uri.query(),
+            headers: &self.headers,
+            body: &self.body,
+            source_ip: &self.source_ip,
+            request_id: &self.request_id,
+            request_time_epoch_ms: self.request_time_epoch_ms,
+            resource: self.resource,
+            path_parameters: if self.proxy().is_empty() {
+                &[]
+            } else {
+                parameters
+            },
+            protocol: self.protocol,
+        }
+    }
+
+    fn path_parameters(&self) -> [(&'static str, &str); 1] {
+        [("proxy", self.proxy())]
+    }
+}
 
 /// One worker thread's request-serving state.
 pub struct Worker {
@@ -39,6 +114,7 @@ pub struct Worker {
     id_prefix: u64,
     id_counter: Cell<u64>,
     builder: hyper_util::server::conn::auto::Builder<LocalExecutor>,
+    role: Role,
 }
 
 /// Runs hyper's HTTP/2 stream tasks on this thread (they hold `!Send` Lua futures).
@@ -55,7 +131,12 @@ where
 }
 
 impl Worker {
-    pub fn new(engine: Engine, registry: Arc<Registry>, max_body_bytes: usize) -> Worker {
+    pub fn new(
+        engine: Engine,
+        registry: Arc<Registry>,
+        max_body_bytes: usize,
+        role: Role,
+    ) -> Worker {
         let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExecutor);
         builder
             .http1()
@@ -71,6 +152,42 @@ impl Worker {
             id_prefix: rand::random::<u64>() & 0xffff_ffff_ffff,
             id_counter: Cell::new(0),
             builder,
+            role,
+        }
+    }
+
+    /// The long-call worker's queue, if `function`'s calls belong there and this thread
+    /// is not it.
+    fn long_call_queue(&self, function: &DeployedFunction) -> Option<&mpsc::UnboundedSender<Job>> {
+        match &self.role {
+            Role::Io { long_calls } if function.is_long_running() => Some(long_calls),
+            _ => None,
+        }
+    }
+
+    fn blocking_cap(&self) -> Option<Duration> {
+        match self.role {
+            Role::Io { .. } => Some(INLINE_BLOCKING_CAP),
+            Role::LongCalls => None,
+        }
+    }
+
+    /// Marks `function` long-running if its last call used the CPU past [`LONG_CALL`] or
+    /// hit the blocking cap.
+    fn note_call_cost<T>(
+        &self,
+        function: &DeployedFunction,
+        stats: moontide_runtime::CallStats,
+        result: &Result<T, CallError>,
+    ) {
+        let long = stats.cpu_after_first_slice >= LONG_CALL
+            || matches!(result, Err(CallError::Blocking(_)));
+        if long && function.mark_long_running() {
+            tracing::info!(
+                function = %function.name,
+                running_ms = stats.running.as_millis() as u64,
+                "function is long-running: its calls now run on the long-call worker"
+            );
         }
     }
 
@@ -101,7 +218,7 @@ impl Worker {
     async fn handle(
         self: Rc<Self>,
         request: Request<Incoming>,
-        peer_ip: Rc<str>,
+        peer_ip: Arc<str>,
     ) -> Response<Full<Bytes>> {
         match request.uri().path() {
             "/healthz" => return plain(StatusCode::OK, "ok\n"),
@@ -120,7 +237,7 @@ impl Worker {
     async fn call_function(
         &self,
         request: Request<Incoming>,
-        source_ip: &str,
+        source_ip: &Arc<str>,
         request_id: &str,
     ) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
@@ -133,6 +250,7 @@ impl Worker {
             )
             .to_response();
         };
+        let proxy_at = path.len() - proxy.len();
         let started = Instant::now();
         function.metrics.http_requests.inc();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
@@ -158,41 +276,43 @@ impl Worker {
                 };
             }
         };
-        let mut lease = match self.pools.acquire(&self.engine, &function).await {
-            Ok(lease) => lease,
-            Err(error) => {
-                let error = acquire_failure(&function, error, request_id);
-                return error.to_response();
-            }
-        };
-        let path_parameters = [("proxy", proxy)];
-        let protocol = match parts.version {
-            http::Version::HTTP_2 => "HTTP/2.0",
-            http::Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
-        let event = HttpRequest {
-            method: parts.method.as_str(),
-            path,
-            query: parts.uri.query(),
-            headers: &parts.headers,
-            body: &body,
-            source_ip,
-            request_id,
+        let request = OwnedRequest {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+            body,
+            source_ip: source_ip.clone(),
+            request_id: request_id.to_string(),
             request_time_epoch_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             resource,
-            path_parameters: if proxy.is_empty() {
-                &[]
-            } else {
-                &path_parameters
+            proxy_at,
+            protocol: match parts.version {
+                http::Version::HTTP_2 => "HTTP/2.0",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
             },
-            protocol,
         };
-        let result = lease.instance().invoke_http(&event).await;
-        drop(lease);
+        let result = match self.long_call_queue(&function) {
+            Some(queue) => {
+                function.metrics.long_calls.inc();
+                let (reply, answer) = oneshot::channel();
+                let job = Job::Http {
+                    function: function.clone(),
+                    request: Box::new(request),
+                    reply,
+                };
+                match queue.send(job) {
+                    Ok(()) => answer.await.unwrap_or_else(|_| {
+                        Err(ApiError::internal("the long-call worker stopped"))
+                    }),
+                    Err(_) => Err(ApiError::internal("the long-call worker stopped")),
+                }
+            }
+            None => self.run_http(&function, &request).await,
+        };
         function
             .metrics
             .duration
@@ -204,8 +324,30 @@ impl Worker {
                 *response.headers_mut() = output.headers;
                 response
             }
-            Err(error) => call_failure(&function, &error, request_id).to_response(),
+            Err(error) => error.to_response(),
         }
+    }
+
+    /// Runs one HTTP call of `function` on this thread.
+    async fn run_http(
+        &self,
+        function: &Arc<DeployedFunction>,
+        request: &OwnedRequest,
+    ) -> Result<HttpResponse, ApiError> {
+        let request_id = request.request_id.as_str();
+        let mut lease = self
+            .pools
+            .acquire(&self.engine, function)
+            .await
+            .map_err(|error| acquire_failure(function, error, request_id))?;
+        let parameters = request.path_parameters();
+        let event = request.event(&parameters);
+        let instance = lease.instance();
+        instance.set_blocking_cap(self.blocking_cap());
+        let result = instance.invoke_http(&event).await;
+        self.note_call_cost(function, instance.last_call(), &result);
+        drop(lease);
+        result.map_err(|error| call_failure(function, &error, request_id))
     }
 
     /// `/fn/{name}[/rest]` or a configured route → (function, resource, rest of the path).
@@ -236,7 +378,7 @@ impl Worker {
             .await;
     }
 
-    /// Runs an admin-side job on this thread.
+    /// Runs a job handed to this thread (by the admin API or an I/O worker).
     pub async fn run_job(self: Rc<Self>, job: Job) {
         match job {
             Job::Invoke {
@@ -245,7 +387,31 @@ impl Worker {
                 request_id,
                 reply,
             } => {
+                if let Some(function) = self.function(&name)
+                    && let Some(queue) = self.long_call_queue(&function)
+                {
+                    function.metrics.long_calls.inc();
+                    let job = Job::Invoke {
+                        name,
+                        payload,
+                        request_id,
+                        reply,
+                    };
+                    if let Err(mpsc::error::SendError(Job::Invoke { reply, .. })) = queue.send(job)
+                    {
+                        let _ = reply.send(Err(ApiError::internal("the long-call worker stopped")));
+                    }
+                    return;
+                }
                 let result = self.invoke(&name, &payload, &request_id).await;
+                let _ = reply.send(result);
+            }
+            Job::Http {
+                function,
+                request,
+                reply,
+            } => {
+                let result = self.run_http(&function, &request).await;
                 let _ = reply.send(result);
             }
         }
@@ -267,7 +433,10 @@ impl Worker {
             .acquire(&self.engine, &function)
             .await
             .map_err(|error| acquire_failure(&function, error, request_id))?;
-        let result = lease.instance().invoke_json(payload, request_id).await;
+        let instance = lease.instance();
+        instance.set_blocking_cap(self.blocking_cap());
+        let result = instance.invoke_json(payload, request_id).await;
+        self.note_call_cost(&function, instance.last_call(), &result);
         drop(lease);
         function
             .metrics
@@ -291,7 +460,7 @@ pub fn serve_connection(
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
     let service_worker = worker.clone();
-    let peer_ip: Rc<str> = Rc::from(remote.ip().to_string());
+    let peer_ip: Arc<str> = Arc::from(remote.ip().to_string());
     let service = hyper::service::service_fn(move |request| {
         let worker = service_worker.clone();
         let peer_ip = peer_ip.clone();
@@ -332,6 +501,14 @@ pub fn call_failure(function: &DeployedFunction, error: &CallError, request_id: 
             StatusCode::INTERNAL_SERVER_ERROR,
             "memory_limit_exceeded",
             "memory limit exceeded",
+        ),
+        CallError::Blocking(cap_ms) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "function_blocked",
+            format!(
+                "function held its thread for {cap_ms} ms inside one C call (a pattern \
+                 match, a sort); its calls now run on the long-call worker: retry"
+            ),
         ),
         CallError::Runtime(_) | CallError::BadResult(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

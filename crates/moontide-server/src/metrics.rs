@@ -26,7 +26,8 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub function: String,
-    /// `timeout`, `memory`, `runtime`, `result`, `init`, `setup`, `overloaded`.
+    /// `timeout`, `memory`, `blocking`, `runtime`, `result`, `init`, `setup`,
+    /// `overloaded`.
     pub kind: &'static str,
 }
 
@@ -53,6 +54,7 @@ pub struct Metrics {
     instances: Family<FunctionLabels, Gauge>,
     cold_starts: Family<FunctionLabels, Counter>,
     cold_start_seconds: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    long_calls: Family<FunctionLabels, Counter>,
     pub config_revision: Gauge,
     pub functions: Gauge,
 }
@@ -67,6 +69,7 @@ impl Metrics {
         let cold_starts = Family::<FunctionLabels, Counter>::default();
         let cold_start_seconds =
             Family::new_with_constructor(cold_start_histogram as fn() -> Histogram);
+        let long_calls = Family::<FunctionLabels, Counter>::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         registry.register(
@@ -100,6 +103,11 @@ impl Metrics {
             cold_start_seconds.clone(),
         );
         registry.register(
+            "long_calls",
+            "Calls run on the long-call worker (the function once held a thread past a timeslice)",
+            long_calls.clone(),
+        );
+        registry.register(
             "config_revision",
             "Store revision of the config snapshot serving traffic",
             config_revision.clone(),
@@ -113,6 +121,7 @@ impl Metrics {
             instances,
             cold_starts,
             cold_start_seconds,
+            long_calls,
             config_revision,
             functions,
         }
@@ -137,6 +146,7 @@ impl Metrics {
             instances: self.instances.get_or_create_owned(&labels),
             cold_starts: self.cold_starts.get_or_create_owned(&labels),
             cold_start_seconds: self.cold_start_seconds.get_or_create_owned(&labels),
+            long_calls: self.long_calls.get_or_create_owned(&labels),
             errors: self.errors.clone(),
         }
     }
@@ -156,6 +166,7 @@ impl Metrics {
         self.instances.remove(&labels);
         self.cold_starts.remove(&labels);
         self.cold_start_seconds.remove(&labels);
+        self.long_calls.remove(&labels);
     }
 
     /// The Prometheus text exposition.
@@ -183,6 +194,7 @@ pub struct FunctionMetrics {
     pub instances: Gauge,
     pub cold_starts: Counter,
     pub cold_start_seconds: Histogram,
+    pub long_calls: Counter,
     errors: Family<ErrorLabels, Counter>,
 }
 

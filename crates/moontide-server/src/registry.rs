@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,6 +41,21 @@ pub struct DeployedFunction {
     pub metrics: FunctionMetrics,
     /// Store revision of the version record (to tell an unchanged function on rebuild).
     pub source_revision: Revision,
+    /// Set once a call of this function held its thread longer than a timeslice; shared
+    /// by every version of the function, so a redeploy does not reset it.
+    long_running: Arc<AtomicBool>,
+}
+
+impl DeployedFunction {
+    /// `true` if this function's calls run on the long-call worker (see `worker`).
+    pub fn is_long_running(&self) -> bool {
+        self.long_running.load(Ordering::Relaxed)
+    }
+
+    /// Sends this function's later calls to the long-call worker; `true` the first time.
+    pub fn mark_long_running(&self) -> bool {
+        !self.long_running.swap(true, Ordering::Relaxed)
+    }
 }
 
 /// What serves traffic now.
@@ -69,6 +84,8 @@ pub struct Registry {
     next_id: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub logs: Arc<LogHub>,
+    /// Per function name: whether its calls are long-running (outlives versions).
+    long_running: parking_lot::Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 impl Registry {
@@ -79,6 +96,7 @@ impl Registry {
             next_id: AtomicU64::new(1),
             metrics,
             logs,
+            long_running: parking_lot::Mutex::default(),
         }
     }
 
@@ -163,6 +181,12 @@ impl Registry {
             config: record.config.clone(),
             metrics,
             source_revision,
+            long_running: self
+                .long_running
+                .lock()
+                .entry(record.name.clone())
+                .or_default()
+                .clone(),
         })
     }
 }
@@ -292,6 +316,7 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
                 None => {
                     if functions.remove(name.as_str()).is_some() {
                         registry.metrics.forget(&name);
+                        registry.long_running.lock().remove(&name);
                     }
                 }
             }

@@ -4,7 +4,13 @@
 //! This is nginx's worker model: a request stays on the thread that accepted it, Lua
 //! states never cross threads, and the request path shares nothing mutable with other
 //! threads but atomics. A long call cannot starve its thread's I/O: the Luau interrupt
-//! yields back to the runtime every timeslice (`moontide_runtime::sandbox::TIMESLICE_MS`).
+//! yields back to the runtime every timeslice (`moontide_runtime::sandbox::TIMESLICE_MS`),
+//! and long calls share a thread fairly with short ones (`moontide_runtime`'s long lane).
+//!
+//! One more thread, the **long-call worker**, runs the calls of functions that proved
+//! long-running (see `dataplane`): I/O workers hand it those requests as [`Job::Http`],
+//! so a function that holds a thread — even inside a C call, where Luau cannot yield —
+//! competes with the I/O threads through the kernel's scheduler rather than stalling them.
 //!
 //! The admin API runs elsewhere; when it needs Lua (`invoke`), it sends a [`Job`] to a
 //! worker.
@@ -17,11 +23,12 @@ use std::time::{Duration, Instant};
 use moontide_runtime::Engine;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dataplane::{self, Worker};
+use crate::dataplane::{self, OwnedRequest, Role, Worker};
 use crate::errors::ApiError;
-use crate::registry::Registry;
+use crate::registry::{DeployedFunction, Registry};
+use moontide_runtime::HttpResponse;
 
-/// Work the admin side hands to a worker.
+/// Work handed to a worker by the admin side, or by an I/O worker to the long-call worker.
 pub enum Job {
     /// Direct invocation of a function's active version.
     Invoke {
@@ -29,6 +36,12 @@ pub enum Job {
         payload: serde_json::Value,
         request_id: String,
         reply: oneshot::Sender<Result<InvokeOutput, ApiError>>,
+    },
+    /// An HTTP call of a long-running function (to the long-call worker).
+    Http {
+        function: Arc<DeployedFunction>,
+        request: Box<OwnedRequest>,
+        reply: oneshot::Sender<Result<HttpResponse, ApiError>>,
     },
 }
 
@@ -38,6 +51,9 @@ pub struct InvokeOutput {
     /// The handler's result as JSON text.
     pub body: Vec<u8>,
 }
+
+/// The long-call worker's nice value (I/O workers keep 0).
+pub const LONG_CALL_WORKER_NICE: i32 = 5;
 
 /// Handles to the worker threads.
 pub struct Workers {
@@ -62,6 +78,33 @@ impl Workers {
         config.listener.set_nonblocking(true)?;
         let mut jobs = Vec::new();
         let mut threads = Vec::new();
+        let (long_calls, long_call_jobs) = mpsc::unbounded_channel();
+        {
+            let engine = config.engine.clone();
+            let registry = config.registry.clone();
+            let max_body_bytes = config.max_body_bytes;
+            let grace = config.shutdown_grace;
+            threads.push(spawn_worker_thread(
+                "moontide-long-calls",
+                move || async move {
+                    // Linux nice values are per thread: this one only lowers the long-call
+                    // worker, so that when it and the I/O workers all want a core, the I/O
+                    // workers get about three quarters of it (weights 1024 vs 335).
+                    if let Err(error) =
+                        rustix::process::setpriority_process(None, LONG_CALL_WORKER_NICE)
+                    {
+                        tracing::warn!(%error, "could not lower the long-call worker's priority");
+                    }
+                    let worker = Rc::new(Worker::new(
+                        engine,
+                        registry,
+                        max_body_bytes,
+                        Role::LongCalls,
+                    ));
+                    run_long_call_worker(worker, long_call_jobs, grace).await;
+                },
+            )?);
+        }
         for index in 0..config.count.max(1) {
             let (sender, receiver) = mpsc::unbounded_channel();
             jobs.push(sender);
@@ -71,27 +114,17 @@ impl Workers {
             let shutdown = config.shutdown.clone();
             let max_body_bytes = config.max_body_bytes;
             let grace = config.shutdown_grace;
-            let thread = std::thread::Builder::new()
-                .name(format!("moontide-worker-{index}"))
-                .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(runtime) => runtime,
-                        Err(error) => {
-                            tracing::error!(%error, "worker runtime failed to start");
-                            return;
-                        }
-                    };
-                    let local = tokio::task::LocalSet::new();
-                    local.block_on(&runtime, async move {
-                        let worker = Rc::new(Worker::new(engine, registry, max_body_bytes));
-                        run_worker(worker, listener, receiver, shutdown, grace).await;
-                    });
-                })?;
-            threads.push(thread);
+            let long_calls = long_calls.clone();
+            threads.push(spawn_worker_thread(
+                &format!("moontide-worker-{index}"),
+                move || async move {
+                    let role = Role::Io { long_calls };
+                    let worker = Rc::new(Worker::new(engine, registry, max_body_bytes, role));
+                    run_worker(worker, listener, receiver, shutdown, grace).await;
+                },
+            )?);
         }
+        drop(long_calls);
         Ok(Workers {
             jobs,
             next: AtomicUsize::new(0),
@@ -116,6 +149,70 @@ impl Workers {
     }
 }
 
+/// Starts a thread running its own single-threaded runtime and `LocalSet` with `main`.
+fn spawn_worker_thread<F, Fut>(name: &str, main: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let thread_name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, thread = %thread_name, "worker runtime failed to start");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, main());
+        })
+}
+
+/// Reaps idle instances and keeps `min` warm on this thread, every second.
+fn spawn_reaper(worker: &Rc<Worker>) -> tokio::task::JoinHandle<()> {
+    let worker = worker.clone();
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            worker.pools.reap(Instant::now());
+            worker.keep_warm().await;
+        }
+    })
+}
+
+/// The long-call worker: runs the calls I/O workers hand it. It stops when every I/O
+/// worker has stopped (they hold the senders), then lets the calls in flight finish,
+/// bounded by the grace period.
+async fn run_long_call_worker(
+    worker: Rc<Worker>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    grace: Duration,
+) {
+    let reaper = spawn_reaper(&worker);
+    // One clone per call in flight.
+    let in_flight = Rc::new(());
+    while let Some(job) = jobs.recv().await {
+        let worker = worker.clone();
+        let call = in_flight.clone();
+        tokio::task::spawn_local(async move {
+            worker.run_job(job).await;
+            drop(call);
+        });
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while Rc::strong_count(&in_flight) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reaper.abort();
+}
+
 async fn run_worker(
     worker: Rc<Worker>,
     listener: std::net::TcpListener,
@@ -132,17 +229,7 @@ async fn run_worker(
     };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
 
-    let reaper = {
-        let worker = worker.clone();
-        tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                worker.pools.reap(Instant::now());
-                worker.keep_warm().await;
-            }
-        })
-    };
+    let reaper = spawn_reaper(&worker);
 
     loop {
         tokio::select! {

@@ -9,13 +9,33 @@ use std::path::Path;
 use common::Node;
 use serde_json::Value;
 
+/// One expected outcome: status, error code, and the `kind` label counted in the metrics.
+#[derive(Clone)]
+struct Outcome {
+    status: u16,
+    code: String,
+    kind: String,
+}
+
+impl Outcome {
+    fn parse(text: &str) -> Outcome {
+        let mut words = text.split_whitespace();
+        let status: u16 = words.next().and_then(|w| w.parse().ok()).expect("STATUS");
+        let code = words.next().expect("CODE").to_string();
+        let kind = words.next().unwrap_or(kind_of(&code)).to_string();
+        Outcome { status, code, kind }
+    }
+}
+
 struct Case {
     name: String,
     source: String,
-    status: u16,
-    code: String,
-    /// The `kind` label counted in the metrics.
-    kind: String,
+    /// The first attack's outcome.
+    expect: Outcome,
+    /// The second attack's, if it differs in kind (`-- then:`): an attack that cannot
+    /// yield is first stopped by the I/O thread's blocking cap, then runs on the
+    /// long-call worker until its timeout.
+    then: Option<Outcome>,
     config: Value,
 }
 
@@ -28,18 +48,17 @@ fn corpus() -> Vec<Case> {
             continue;
         }
         let source = std::fs::read_to_string(&path).unwrap();
-        let mut lines = source.lines();
-        let expect = lines
-            .next()
-            .and_then(|l| l.strip_prefix("-- expect: "))
+        let header = |prefix: &str| {
+            source
+                .lines()
+                .take_while(|l| l.starts_with("--"))
+                .find_map(|l| l.strip_prefix(prefix))
+        };
+        let expect = header("-- expect: ")
+            .map(Outcome::parse)
             .unwrap_or_else(|| panic!("{} lacks an expect line", path.display()));
-        let mut words = expect.split_whitespace();
-        let status: u16 = words.next().and_then(|w| w.parse().ok()).expect("STATUS");
-        let code = words.next().expect("CODE").to_string();
-        let kind = words.next().unwrap_or(kind_of(&code)).to_string();
-        let config = lines
-            .next()
-            .and_then(|l| l.strip_prefix("-- config: "))
+        let then = header("-- then: ").map(Outcome::parse);
+        let config = header("-- config: ")
             .map(|c| serde_json::from_str(c).expect("config line is JSON"))
             .unwrap_or_else(|| serde_json::json!({}));
         cases.push(Case {
@@ -49,9 +68,8 @@ fn corpus() -> Vec<Case> {
                 .to_string_lossy()
                 .replace('_', "-"),
             source: source.clone(),
-            status,
-            code,
-            kind,
+            expect,
+            then,
             config,
         });
     }
@@ -65,6 +83,7 @@ fn kind_of(code: &str) -> &'static str {
         "function_timeout" => "timeout",
         "memory_limit_exceeded" => "memory",
         "function_error" => "runtime",
+        "function_blocked" => "blocking",
         other => panic!("unknown expected code {other}"),
     }
 }
@@ -82,15 +101,22 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
     for case in corpus() {
         node.deploy(&case.name, &case.source, case.config.clone())
             .await;
-        let response = node.get(&format!("/fn/{}", case.name)).await;
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let code = body["error"]["code"].as_str().unwrap_or("").to_string();
-        if (status, code.as_str()) != (case.status, case.code.as_str()) {
-            failures.push(format!(
-                "{}: expected {} {}, got {status} {body}",
-                case.name, case.status, case.code
-            ));
+        let mut attacked = true;
+        for expected in std::iter::once(&case.expect).chain(&case.then) {
+            let response = node.get(&format!("/fn/{}", case.name)).await;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let code = body["error"]["code"].as_str().unwrap_or("").to_string();
+            if (status, code.as_str()) != (expected.status, expected.code.as_str()) {
+                failures.push(format!(
+                    "{}: expected {} {}, got {status} {body}",
+                    case.name, expected.status, expected.code
+                ));
+                attacked = false;
+                break;
+            }
+        }
+        if !attacked {
             continue;
         }
         let again = node.get(&format!("/fn/{}?ok=1", case.name)).await;
@@ -117,17 +143,118 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
     }
     let metrics = node.metrics().await;
     for case in corpus() {
-        let series = format!(
-            r#"moontide_function_errors_total{{function="{}",kind="{}"}} 1"#,
-            case.name, case.kind
-        );
-        if !failures.iter().any(|f| f.starts_with(&case.name)) && !metrics.contains(&series) {
-            failures.push(format!("{}: metrics lack {series}", case.name));
+        let outcomes: Vec<&Outcome> = std::iter::once(&case.expect).chain(&case.then).collect();
+        for outcome in &outcomes {
+            let count = outcomes.iter().filter(|o| o.kind == outcome.kind).count();
+            let series = format!(
+                r#"moontide_function_errors_total{{function="{}",kind="{}"}} {count}"#,
+                case.name, outcome.kind
+            );
+            if !failures.iter().any(|f| f.starts_with(&case.name)) && !metrics.contains(&series) {
+                failures.push(format!("{}: metrics lack {series}", case.name));
+            }
+        }
+        if case.then.is_some() {
+            // The second attack ran on the long-call worker.
+            let series = format!(r#"moontide_long_calls_total{{function="{}"}}"#, case.name);
+            let handed_over = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0);
+            if !failures.iter().any(|f| f.starts_with(&case.name)) && !handed_over {
+                failures.push(format!(
+                    "{}: no call ran on the long-call worker",
+                    case.name
+                ));
+            }
         }
     }
     assert!(
         failures.is_empty(),
         "hostile corpus failures:\n{}",
         failures.join("\n")
+    );
+}
+
+/// The count in one metrics line `SERIES VALUE`, or 0.
+fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A call that cannot yield (a pattern bomb inside the C matcher) runs on the long-call
+/// worker once its function is marked; meanwhile the I/O threads keep serving others.
+#[tokio::test]
+async fn a_neighbour_answers_while_a_call_that_cannot_yield_runs() {
+    // One I/O worker: had the bomb run on it, the neighbour would wait for the bomb.
+    let node = Node::start_with(&["--workers", "1"]);
+    node.deploy(
+        "neighbour",
+        "return function() return 'fine' end",
+        serde_json::json!({}),
+    )
+    .await;
+    node.deploy(
+        "bomb",
+        "return function()
+           local s = string.rep('a', 40)
+           while true do string.find(s, string.rep('a*', 20) .. 'b') end
+         end",
+        serde_json::json!({"timeout": "3s"}),
+    )
+    .await;
+    // First call: inline, ended by the blocking cap, which marks the function.
+    let first = node.get("/fn/bomb").await;
+    assert_eq!(first.status().as_u16(), 503);
+    assert!(first.headers().contains_key("retry-after"));
+    // Second call: on the long-call worker, for its whole 3 s budget.
+    let bomb = tokio::spawn({
+        let url = node.url("/fn/bomb");
+        async move {
+            common::http_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let series = r#"moontide_long_calls_total{function="bomb"}"#;
+    let mut polls = 0;
+    while metric_value(&node.metrics().await, series) < 1.0 {
+        polls += 1;
+        assert!(
+            polls < 1000,
+            "the second call never reached the long-call worker"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for _ in 0..20 {
+        let answer = node.get("/fn/neighbour").await.text().await.unwrap();
+        assert_eq!(answer, "fine");
+    }
+    assert!(
+        !bomb.is_finished(),
+        "the neighbour was served while the bomb still ran"
+    );
+    assert_eq!(bomb.await.unwrap().as_u16(), 504);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"moontide_function_errors_total{function="bomb",kind="blocking"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"moontide_function_errors_total{function="bomb",kind="timeout"}"#
+        ),
+        1.0
     );
 }

@@ -27,8 +27,13 @@ pub struct Node {
 impl Node {
     /// A node on a new temporary data dir.
     pub fn start() -> Node {
+        Node::start_with(&[])
+    }
+
+    /// A node on a fresh data dir, with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut node = Node::start_in(dir.path().to_path_buf(), &[]);
+        let mut node = Node::start_in(dir.path().to_path_buf(), extra);
         node._dir = Some(dir);
         node
     }
@@ -42,16 +47,14 @@ impl Node {
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("server log file");
+        let workers: &[&str] = if extra.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
         let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(workers)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
