@@ -102,6 +102,19 @@ impl EventKeys {
     }
 }
 
+/// A header value as UTF-8 text: as is when it is UTF-8 (what clients send in practice),
+/// else read as ISO-8859-1 (HTTP's historical charset for `obs-text` bytes), which maps
+/// every byte to one character and loses nothing. Event strings are always valid UTF-8,
+/// so `json.encode(event)` cannot fail on a client's header bytes (found by fuzzing).
+fn header_text(value: &HeaderValue) -> std::borrow::Cow<'_, [u8]> {
+    let bytes = value.as_bytes();
+    if std::str::from_utf8(bytes).is_ok() {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let latin1: String = bytes.iter().map(|&b| char::from(b)).collect();
+    std::borrow::Cow::Owned(latin1.into_bytes())
+}
+
 /// Builds the proxy event table for one request.
 pub(crate) fn http_event(
     lua: &Lua,
@@ -120,16 +133,16 @@ pub(crate) fn http_event(
     for name in request.headers.keys() {
         let name_key = lua.create_string(name.as_str())?;
         let mut values = request.headers.get_all(name).iter();
-        let first =
-            lua.create_string(values.next().map(HeaderValue::as_bytes).unwrap_or_default())?;
+        let first = lua.create_string(values.next().map(header_text).unwrap_or_default())?;
         let all = lua.create_table_with_capacity(1, 0)?;
         all.raw_seti(1, &first)?;
         let mut joined: Option<Vec<u8>> = None;
         for (index, value) in values.enumerate() {
-            all.raw_seti(index + 2, lua.create_string(value.as_bytes())?)?;
+            let text = header_text(value);
+            all.raw_seti(index + 2, lua.create_string(&*text)?)?;
             let buffer = joined.get_or_insert_with(|| first.as_bytes().to_vec());
             buffer.extend_from_slice(b", ");
-            buffer.extend_from_slice(value.as_bytes());
+            buffer.extend_from_slice(&text);
         }
         match joined {
             Some(bytes) => headers.raw_set(&name_key, lua.create_string(&bytes)?)?,
@@ -201,7 +214,7 @@ pub(crate) fn http_event(
     let identity = lua.create_table_with_capacity(0, 2)?;
     identity.raw_set(&keys.source_ip, request.source_ip)?;
     if let Some(agent) = request.headers.get(http::header::USER_AGENT) {
-        identity.raw_set(&keys.user_agent, lua.create_string(agent.as_bytes())?)?;
+        identity.raw_set(&keys.user_agent, lua.create_string(&*header_text(agent))?)?;
     }
     context.raw_set(&keys.identity, identity)?;
     event.raw_set(&keys.request_context, context)?;

@@ -635,6 +635,37 @@ mod tests {
         );
     }
 
+    /// Header bytes that are not UTF-8 reach the event as ISO-8859-1 text, so a handler
+    /// can always `json.encode` its event (a fuzzing find).
+    #[tokio::test]
+    async fn non_utf8_header_values_become_latin1_text() {
+        let (mut instance, _) = instance_with(
+            "local json = require('json')
+             return function(event) return { statusCode = 200, body = json.encode(event.headers) } end",
+            Limits::default(),
+        )
+        .await;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-name", http::HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        headers.insert("x-utf8", http::HeaderValue::from_str("já").unwrap());
+        let request = HttpRequest {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &headers,
+            body: b"",
+            source_ip: "127.0.0.1",
+            request_id: "r",
+            request_time_epoch_ms: 0,
+            resource: "/",
+            path_parameters: &[],
+            protocol: "HTTP/1.1",
+        };
+        let response = instance.invoke_http(&request).await.unwrap();
+        let seen: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(seen, serde_json::json!({"x-name": "café", "x-utf8": "já"}));
+    }
+
     #[tokio::test]
     async fn memory_cap_ends_the_call() {
         let limits = Limits {

@@ -1070,6 +1070,32 @@ mod tests {
         }
     }
 
+    /// Decoding parses numbers exactly (serde_json's `float_roundtrip`), so decode then
+    /// encode is a fixed point; the default fast path was off by one ulp (a fuzzing find).
+    #[test]
+    fn decoding_numbers_is_exact() {
+        let lua = sandboxed();
+        for text in [
+            "14444544444444444454444444444",
+            "1.4445444444444445e+28",
+            "0.1",
+            "2.2250738585072014e-308",
+        ] {
+            let decoded = decode_to_lua(&lua, text.as_bytes()).unwrap();
+            let mut once = Vec::new();
+            encode_value(&decoded, &mut once).unwrap();
+            let again = decode_to_lua(&lua, &once).unwrap();
+            let mut twice = Vec::new();
+            encode_value(&again, &mut twice).unwrap();
+            assert_eq!(once, twice, "{text}");
+            assert_eq!(
+                String::from_utf8(once).unwrap().parse::<f64>().unwrap(),
+                text.parse::<f64>().unwrap(),
+                "{text} decodes to the nearest f64"
+            );
+        }
+    }
+
     #[test]
     fn string_escapes_and_unicode() {
         let lua = sandboxed();
