@@ -160,7 +160,14 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ApiError::invalid(vec![FieldError::new(path, error.inner().to_string())])
+        // serde quotes the offending value ("invalid type: integer `1234`"); under `env`
+        // that value is a secret, so say only what was expected.
+        let message = if path.starts_with("config.env.") || path.starts_with("env.") {
+            "environment values must be strings".to_string()
+        } else {
+            error.inner().to_string()
+        };
+        ApiError::invalid(vec![FieldError::new(path, message)])
     })
 }
 

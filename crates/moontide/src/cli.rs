@@ -152,10 +152,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !env.is_empty() {
                 let mut vars = serde_json::Map::new();
-                for pair in env {
+                for (index, pair) in env.iter().enumerate() {
+                    // The message must not echo the argument: it may be the secret itself.
                     let (key, value) = pair
                         .split_once('=')
-                        .with_context(|| format!("--env {pair}: expected KEY=VALUE"))?;
+                        .with_context(|| format!("--env #{}: expected KEY=VALUE", index + 1))?;
                     vars.insert(key.to_string(), json!(value));
                 }
                 config.insert("env".into(), Value::Object(vars));

@@ -194,6 +194,15 @@ async fn deploy_rejects_bad_input_with_the_field_path() {
         assert_eq!((got_code, got_path), (code, path), "{body} -> {response}");
         assert!(!response["error"]["message"].as_str().unwrap().is_empty());
     }
+    // A secret of the wrong type is refused without being echoed.
+    let (status, response) = put(
+        "f",
+        json!({"source": ok_source, "config": {"env": {"PIN": 987654321}}}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&response), ("invalid_request", "config.env.PIN"));
+    assert!(!response.to_string().contains("987654321"), "{response}");
     // Not JSON at all.
     let response = node
         .admin_request(Method::PUT, "/v1/functions/f")

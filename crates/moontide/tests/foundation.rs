@@ -506,6 +506,24 @@ async fn modules_log_shared_http_crypto_and_env_work() {
         .admin_json(reqwest::Method::GET, "/v1/functions/mods/versions", None)
         .await;
     assert!(!versions.to_string().contains("s3cr3t-value"));
+    // ... nor in the function's log or the server's own log.
+    assert!(!node.cli_ok(&["logs", "mods"]).contains("s3cr3t-value"));
+    let server_log = std::fs::read_to_string(node.data_dir.with_extension("log")).unwrap();
+    assert!(!server_log.contains("s3cr3t-value"));
+    // A malformed --env never echoes its argument (it may be the secret itself).
+    let output = node.cli(&[
+        "deploy",
+        "mods2",
+        &example("greeting.lua"),
+        "--env",
+        "hunter2",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("KEY=VALUE") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
