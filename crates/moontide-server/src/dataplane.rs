@@ -371,10 +371,19 @@ impl Worker {
     }
 
     /// Brings functions with a `min` back to it (see `LocalPools::keep_warm`).
+    /// Each thread warms only the functions it serves: the long-call worker those that are
+    /// long-running, the I/O workers the others.
     pub async fn keep_warm(&self) {
         let snapshot = self.registry.snapshot();
+        let serves_long = matches!(self.role, Role::LongCalls);
         self.pools
-            .keep_warm(&self.engine, snapshot.functions.values())
+            .keep_warm(
+                &self.engine,
+                snapshot
+                    .functions
+                    .values()
+                    .filter(|f| f.is_long_running() == serves_long),
+            )
             .await;
     }
 
