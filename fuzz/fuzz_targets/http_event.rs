@@ -88,7 +88,11 @@ fuzz_target!(|input: Request| {
         request_id: "fuzz",
         request_time_epoch_ms: 0,
         resource: "/fn/{name}/{proxy+}",
-        path_parameters: if input.proxy.is_empty() { &[] } else { &parameters },
+        path_parameters: if input.proxy.is_empty() {
+            &[]
+        } else {
+            &parameters
+        },
         protocol: "HTTP/1.1",
     };
     HARNESS.with(|harness| {
@@ -115,7 +119,8 @@ fuzz_target!(|input: Request| {
             if let Ok(text) = value.to_str() {
                 let seen = &event["multiValueHeaders"][name.as_str()];
                 assert!(
-                    seen.as_array().is_some_and(|values| values.iter().any(|v| v == text)),
+                    seen.as_array()
+                        .is_some_and(|values| values.iter().any(|v| v == text)),
                     "header {name}: {text:?} missing from {seen}"
                 );
             }

@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
         let again = decode_to_lua(lua, &first).expect("the encoder's output decodes");
         let mut second = Vec::new();
         encode_value(&again, &mut second).expect("re-encodes");
-        assert_eq!(first, second, "encoding is a fixed point after one round trip");
+        assert_eq!(
+            first, second,
+            "encoding is a fixed point after one round trip"
+        );
 
         let through_host = json_to_lua(lua, &reparsed).expect("host conversion into Lua");
         let back = lua_to_json(&through_host).expect("host conversion out of Lua");
