@@ -89,7 +89,6 @@ impl CallState {
         *self.request_id.borrow_mut() = Rc::from(request_id);
         self.deadline_ms.set(deadline_ms);
         self.limit_hit.set(None);
-        self.new_slice(clock::now_ms());
     }
 
     /// Starts a fresh timeslice at `now_ms` and tells the watchdog when to arm the
@@ -125,18 +124,12 @@ impl CallState {
                 self.limit_hit.set(Some(LimitHit::Blocking));
             }
         }
-        match self.limit_hit.get() {
-            Some(LimitHit::Timeout) => {
-                switch.arm();
-                return Err(mlua::Error::runtime("function timed out"));
-            }
-            Some(LimitHit::Blocking) => {
-                switch.arm();
-                return Err(mlua::Error::runtime(
-                    "function held its thread too long without yielding",
-                ));
-            }
-            None => {}
+        if let Some(hit) = self.limit_hit.get() {
+            switch.arm();
+            return Err(mlua::Error::runtime(match hit {
+                LimitHit::Timeout => "function timed out",
+                LimitHit::Blocking => "function held its thread too long without yielding",
+            }));
         }
         if now >= self.slice_end_ms.get() {
             // If the interrupt cannot yield here (inside a C call), mlua continues; the

@@ -20,14 +20,14 @@
 //!   for. Only two parties write through it: the Lua thread itself (inside the interrupt,
 //!   or at call start/end, while it holds the state) and the watchdog, which writes only
 //!   while the switch is in the watch list, under the list's lock.
-//! - A switch is in the watch list only while a call runs ([`Watched`] guard); the guard
-//!   borrows nothing but is created and dropped inside `Instance::run`, which holds
-//!   `&mut Instance` (and so the `Lua`) for its whole life. The state cannot be freed while
-//!   the watchdog may still write.
+//! - A switch is in its thread's watch list only while a call runs ([`Watched`] guard);
+//!   the watchdog writes through it only under that list's lock. The guard is created and
+//!   dropped inside `Instance::run`, which holds `&mut Instance` (and so the `Lua`) for its
+//!   whole life. The state cannot be freed while the watchdog may still write.
 //! - Writes are whole, aligned pointer stores done atomically on the Rust side.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use mlua::ffi;
 use parking_lot::Mutex;
@@ -112,42 +112,72 @@ impl InterruptSwitch {
     }
 }
 
-/// Switches of the calls in flight, scanned by the watchdog each tick.
-static WATCHED: Mutex<Vec<Arc<InterruptSwitch>>> = Mutex::new(Vec::new());
+/// The switches of one thread's calls in flight. Its lock is taken by that thread (twice
+/// per call) and by the clock thread (once per tick) — never by another worker, so the
+/// request path shares no lock between workers.
+#[derive(Default)]
+struct ThreadWatch {
+    switches: Mutex<Vec<Arc<InterruptSwitch>>>,
+}
 
-/// Keeps a switch in the watch list for the life of one call; on drop, removes it and
-/// switches the interrupt off (after this, nothing but the Lua thread touches the slot).
-pub(crate) struct Watched(Arc<InterruptSwitch>);
+/// Every thread that has run a call, registered once per thread; scanned each tick.
+static THREADS: Mutex<Vec<Weak<ThreadWatch>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static THIS_THREAD: Arc<ThreadWatch> = {
+        let watch = Arc::new(ThreadWatch::default());
+        THREADS.lock().push(Arc::downgrade(&watch));
+        watch
+    };
+}
+
+/// Keeps a switch in its thread's watch list for the life of one call; on drop, removes
+/// it and switches the interrupt off (after this, nothing but the Lua thread touches the
+/// slot).
+pub(crate) struct Watched {
+    switch: Arc<InterruptSwitch>,
+    list: Arc<ThreadWatch>,
+}
 
 impl Watched {
     pub fn start(switch: &Arc<InterruptSwitch>) -> Watched {
-        WATCHED.lock().push(switch.clone());
-        Watched(switch.clone())
+        let list = THIS_THREAD.with(Arc::clone);
+        list.switches.lock().push(switch.clone());
+        Watched {
+            switch: switch.clone(),
+            list,
+        }
     }
 }
 
 impl Drop for Watched {
     fn drop(&mut self) {
         {
-            let mut watched = WATCHED.lock();
-            if let Some(at) = watched.iter().position(|s| Arc::ptr_eq(s, &self.0)) {
-                watched.swap_remove(at);
+            let mut switches = self.list.switches.lock();
+            if let Some(at) = switches.iter().position(|s| Arc::ptr_eq(s, &self.switch)) {
+                switches.swap_remove(at);
             }
         }
-        self.0.disarm();
-        self.0.arm_at(u64::MAX);
+        self.switch.disarm();
+        self.switch.arm_at(u64::MAX);
     }
 }
 
 /// One watchdog pass: arms every watched call whose next event is due. Called by the
 /// clock's ticker after each tick.
 pub(crate) fn tick(now_ms: u64) {
-    let watched = WATCHED.lock();
-    for switch in watched.iter() {
-        if switch.arm_at_ms.load(Ordering::Acquire) <= now_ms {
-            switch.arm();
+    let mut threads = THREADS.lock();
+    threads.retain(|thread| {
+        let Some(watch) = thread.upgrade() else {
+            return false;
+        };
+        for switch in watch.switches.lock().iter() {
+            if switch.arm_at_ms.load(Ordering::Acquire) <= now_ms {
+                switch.arm();
+            }
         }
-    }
+        true
+    });
 }
 
 #[cfg(test)]

@@ -227,8 +227,10 @@ impl Worker {
             _ => {}
         }
         let request_id = self.request_id(request.headers().get(&REQUEST_ID));
-        let mut response = self.call_function(request, &peer_ip, &request_id).await;
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
+        // The header is made first so that the id itself can move into the call.
+        let id_header = HeaderValue::from_str(&request_id).ok();
+        let mut response = self.call_function(request, &peer_ip, request_id).await;
+        if let Some(value) = id_header {
             response.headers_mut().insert(REQUEST_ID.clone(), value);
         }
         response
@@ -238,7 +240,7 @@ impl Worker {
         &self,
         request: Request<Incoming>,
         source_ip: &Arc<str>,
-        request_id: &str,
+        request_id: String,
     ) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path();
@@ -282,7 +284,7 @@ impl Worker {
             headers: parts.headers,
             body,
             source_ip: source_ip.clone(),
-            request_id: request_id.to_string(),
+            request_id,
             request_time_epoch_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

@@ -196,19 +196,22 @@ async fn run_long_call_worker(
     grace: Duration,
 ) {
     let reaper = spawn_reaper(&worker);
-    // One clone per call in flight.
-    let in_flight = Rc::new(());
-    while let Some(job) = jobs.recv().await {
-        let worker = worker.clone();
-        let call = in_flight.clone();
-        tokio::task::spawn_local(async move {
-            worker.run_job(job).await;
-            drop(call);
-        });
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => {
+                    let worker = worker.clone();
+                    in_flight.spawn_local(async move { worker.run_job(job).await });
+                }
+                None => break,
+            },
+            Some(_) = in_flight.join_next() => {}
+        }
     }
-    let deadline = tokio::time::Instant::now() + grace;
-    while Rc::strong_count(&in_flight) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let drained = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!("long calls still in flight after the shutdown grace period; closing");
     }
     reaper.abort();
 }

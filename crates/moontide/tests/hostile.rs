@@ -157,11 +157,7 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
         if case.then.is_some() {
             // The second attack ran on the long-call worker.
             let series = format!(r#"moontide_long_calls_total{{function="{}"}}"#, case.name);
-            let handed_over = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .is_some_and(|n| n >= 1.0);
+            let handed_over = metric_value(&metrics, &series) >= 1.0;
             if !failures.iter().any(|f| f.starts_with(&case.name)) && !handed_over {
                 failures.push(format!(
                     "{}: no call ran on the long-call worker",
