@@ -217,6 +217,12 @@ async fn status(State(state): Shared) -> Response {
             "uptime_ms": state.started.elapsed().as_millis() as u64,
             "ready": state.registry.is_ready(),
             "config_revision": snapshot.revision,
+            "instances": {
+                "live": state.registry.budget.instances(),
+                "budget": state.registry.budget.max_instances(),
+                "memory_bytes": state.registry.budget.memory(),
+                "memory_budget_bytes": state.registry.budget.max_memory(),
+            },
             "functions": functions,
         }),
     )
@@ -272,6 +278,7 @@ async fn function_info(
             "active": active.summary(true),
             "serving_version": deployed.map(|f| f.version),
             "live_instances": deployed.map(|f| f.pool.live()).unwrap_or(0),
+            "instances": deployed.map(|f| f.pool.status()),
             "url_path": format!("/fn/{name}"),
         }),
     ))

@@ -63,6 +63,12 @@ pub struct FunctionConfigInput {
     pub min: Option<u32>,
     pub max: Option<u32>,
     pub idle_timeout: Option<DurationInput>,
+    pub concurrency: Option<u32>,
+    pub stable_window: Option<DurationInput>,
+    pub panic_window: Option<DurationInput>,
+    pub max_scale_up_rate: Option<u32>,
+    pub queue_size: Option<u32>,
+    pub queue_timeout: Option<DurationInput>,
     pub env: Option<BTreeMap<String, String>>,
     pub route: Option<String>,
 }
@@ -75,11 +81,54 @@ pub struct FunctionConfig {
     pub memory_bytes: u64,
     pub min: u32,
     pub max: u32,
+    /// Idle grace: after this long without a call, the function scales down to `min`.
     pub idle_timeout_ms: u64,
+    /// Calls one instance serves at once (the autoscaler's target).
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: u32,
+    /// Time constant of the slow average of observed concurrency: scaling down follows it.
+    #[serde(default = "defaults::stable_window_ms")]
+    pub stable_window_ms: u64,
+    /// Time constant of the fast average: scaling up (pre-warming) follows it.
+    #[serde(default = "defaults::panic_window_ms")]
+    pub panic_window_ms: u64,
+    /// Most instances created per second for this function on the node (on demand and
+    /// pre-warmed together).
+    #[serde(default = "defaults::max_scale_up_rate")]
+    pub max_scale_up_rate: u32,
+    /// Most calls waiting for an instance on the node; more are shed at once.
+    #[serde(default = "defaults::queue_size")]
+    pub queue_size: u32,
+    /// Longest a call waits for an instance before it is shed.
+    #[serde(default = "defaults::queue_timeout_ms")]
+    pub queue_timeout_ms: u64,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub route: Option<String>,
+}
+
+/// Defaults of the scaling fields, also used when reading configs stored before they
+/// existed.
+mod defaults {
+    pub fn concurrency() -> u32 {
+        1
+    }
+    pub fn stable_window_ms() -> u64 {
+        1_000
+    }
+    pub fn panic_window_ms() -> u64 {
+        100
+    }
+    pub fn max_scale_up_rate() -> u32 {
+        1_000
+    }
+    pub fn queue_size() -> u32 {
+        1_024
+    }
+    pub fn queue_timeout_ms() -> u64 {
+        1_000
+    }
 }
 
 impl FunctionConfig {
@@ -103,6 +152,12 @@ impl FunctionConfig {
             "min": self.min,
             "max": self.max,
             "idle_timeout_ms": self.idle_timeout_ms,
+            "concurrency": self.concurrency,
+            "stable_window_ms": self.stable_window_ms,
+            "panic_window_ms": self.panic_window_ms,
+            "max_scale_up_rate": self.max_scale_up_rate,
+            "queue_size": self.queue_size,
+            "queue_timeout_ms": self.queue_timeout_ms,
             "env_keys": self.env.keys().collect::<Vec<_>>(),
             "route": self.route,
         })
@@ -117,6 +172,12 @@ impl Default for FunctionConfig {
             min: 0,
             max: Self::DEFAULT_MAX,
             idle_timeout_ms: Self::DEFAULT_IDLE_TIMEOUT_MS,
+            concurrency: defaults::concurrency(),
+            stable_window_ms: defaults::stable_window_ms(),
+            panic_window_ms: defaults::panic_window_ms(),
+            max_scale_up_rate: defaults::max_scale_up_rate(),
+            queue_size: defaults::queue_size(),
+            queue_timeout_ms: defaults::queue_timeout_ms(),
             env: BTreeMap::new(),
             route: None,
         }
@@ -152,10 +213,82 @@ impl FunctionConfigInput {
                 Err(message) => errors.push(FieldError::new(path("memory"), message)),
             }
         }
-        if let Some(idle) = &self.idle_timeout {
-            match parse_duration(idle) {
-                Ok(d) => config.idle_timeout_ms = d.as_millis() as u64,
-                Err(message) => errors.push(FieldError::new(path("idle_timeout"), message)),
+        let mut duration_in = |field: &str,
+                               input: &Option<DurationInput>,
+                               range: (Duration, Duration),
+                               target: &mut u64| {
+            let Some(input) = input else { return };
+            match parse_duration(input) {
+                Ok(d) if d < range.0 || d > range.1 => errors.push(FieldError::new(
+                    path(field),
+                    format!(
+                        "must be between {} and {}",
+                        show_duration(range.0),
+                        show_duration(range.1)
+                    ),
+                )),
+                Ok(d) => *target = d.as_millis() as u64,
+                Err(message) => errors.push(FieldError::new(path(field), message)),
+            }
+        };
+        duration_in(
+            "idle_timeout",
+            &self.idle_timeout,
+            (Duration::ZERO, Duration::from_secs(7 * 86_400)),
+            &mut config.idle_timeout_ms,
+        );
+        duration_in(
+            "stable_window",
+            &self.stable_window,
+            (Duration::from_millis(10), Duration::from_secs(3_600)),
+            &mut config.stable_window_ms,
+        );
+        duration_in(
+            "panic_window",
+            &self.panic_window,
+            (Duration::from_millis(10), Duration::from_secs(3_600)),
+            &mut config.panic_window_ms,
+        );
+        duration_in(
+            "queue_timeout",
+            &self.queue_timeout,
+            (Duration::ZERO, Duration::from_secs(60)),
+            &mut config.queue_timeout_ms,
+        );
+        if self.panic_window.is_some() && config.panic_window_ms > config.stable_window_ms {
+            errors.push(FieldError::new(
+                path("panic_window"),
+                "must not be longer than stable_window",
+            ));
+        }
+        if let Some(concurrency) = self.concurrency {
+            // Calls sharing one instance's state as coroutines need per-call limits inside
+            // one Lua state; until the runtime has them, an instance serves one call.
+            if concurrency != 1 {
+                errors.push(FieldError::new(
+                    path("concurrency"),
+                    "only 1 is supported for now (calls sharing an instance as coroutines are not yet available)",
+                ));
+            }
+        }
+        if let Some(rate) = self.max_scale_up_rate {
+            if rate == 0 || rate > 1_000_000 {
+                errors.push(FieldError::new(
+                    path("max_scale_up_rate"),
+                    "must be between 1 and 1000000 instances per second",
+                ));
+            } else {
+                config.max_scale_up_rate = rate;
+            }
+        }
+        if let Some(size) = self.queue_size {
+            if size > 100_000 {
+                errors.push(FieldError::new(
+                    path("queue_size"),
+                    "must be at most 100000 (0 sheds at once when no instance is free)",
+                ));
+            } else {
+                config.queue_size = size;
             }
         }
         if let Some(max) = self.max {
@@ -248,6 +381,16 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
             "function names are 1-64 letters, digits, '-' or '_', starting with a letter or digit"
                 .into(),
         )
+    }
+}
+
+/// `1500` ms as `1.5s`, `250` ms as `250ms`: for error messages.
+fn show_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms < 1000 || ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
     }
 }
 

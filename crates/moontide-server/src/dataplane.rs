@@ -32,6 +32,7 @@ use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, InstanceErr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::errors::ApiError;
+use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
 use crate::registry::{DeployedFunction, Registry, Snapshot};
 use crate::worker::{InvokeOutput, Job};
@@ -144,16 +145,20 @@ impl Worker {
             .header_read_timeout(std::time::Duration::from_secs(30));
         builder.http2().timer(TokioTimer::new());
         Worker {
+            pools: Rc::new(LocalPools::new(registry.budget.clone())),
             snapshot: RefCell::new(Cache::new(registry.cell())),
             engine,
             registry,
-            pools: Rc::new(LocalPools::default()),
             max_body_bytes,
             id_prefix: rand::random::<u64>() & 0xffff_ffff_ffff,
             id_counter: Cell::new(0),
             builder,
             role,
         }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// The long-call worker's queue, if `function`'s calls belong there and this thread
@@ -535,14 +540,25 @@ pub fn call_failure(function: &DeployedFunction, error: &CallError, request_id: 
 
 fn acquire_failure(function: &DeployedFunction, error: AcquireError, request_id: &str) -> ApiError {
     match error {
-        AcquireError::Overloaded => {
+        AcquireError::Shed(why) => {
             function.metrics.error("overloaded");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "function is at its instance limit; retry later",
-            )
-            .with_details(serde_json::json!({"request_id": request_id}))
+            function.metrics.shed(why);
+            let (reason, message) = match why {
+                Shed::QueueFull => (
+                    "queue_full",
+                    "function is at its instance limit and its wait queue is full; retry later",
+                ),
+                Shed::QueueTimeout => (
+                    "queue_timeout",
+                    "no instance of the function became free within its queue timeout; retry later",
+                ),
+                Shed::NodeFull => (
+                    "node_full",
+                    "the node is out of instance budget; retry later",
+                ),
+            };
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+                .with_details(serde_json::json!({"request_id": request_id, "reason": reason}))
         }
         AcquireError::Init(InstanceError::Init(error)) => {
             call_failure(function, &error, request_id)

@@ -17,6 +17,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod autoscale;
+pub mod budget;
 pub mod dataplane;
 pub mod errors;
 pub mod logs;
@@ -35,6 +37,7 @@ use moontide_runtime::{Engine, EngineConfig};
 use moontide_store::{SqliteStore, Store};
 
 use crate::admin::AdminState;
+use crate::budget::NodeBudget;
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -54,6 +57,10 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Largest request body the data plane reads.
     pub max_body_bytes: usize,
+    /// Most Lua instances on the node, all functions together.
+    pub max_instances: usize,
+    /// Most Lua memory the node's instances hold together (soft: see `budget`).
+    pub max_instance_memory: usize,
     pub engine: EngineConfig,
 }
 
@@ -66,6 +73,8 @@ impl Default for ServeConfig {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shutdown_grace: Duration::from_secs(30),
             max_body_bytes: 6 << 20,
+            max_instances: 20_000,
+            max_instance_memory: budget::default_memory_budget(),
             engine: EngineConfig::default(),
         }
     }
@@ -146,7 +155,19 @@ pub async fn serve(
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?);
     let engine = Engine::new(&config.engine).map_err(ServeError::Runtime)?;
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Registry::new(metrics, Arc::new(LogHub::default())));
+    metrics
+        .node_instance_budget
+        .set(config.max_instances as i64);
+    metrics
+        .node_memory_budget
+        .set(config.max_instance_memory as i64);
+    let budget = Arc::new(NodeBudget::new(
+        config.max_instances,
+        config.max_instance_memory,
+        metrics.node_instances.clone(),
+        metrics.node_memory.clone(),
+    ));
+    let registry = Arc::new(Registry::new(metrics, Arc::new(LogHub::default()), budget));
 
     let data_listener = bind(config.listen)?;
     let admin_listener = bind(config.admin)?;

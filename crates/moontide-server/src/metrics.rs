@@ -31,6 +31,71 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    pub function: String,
+    /// `up` or `down`.
+    pub direction: &'static str,
+    /// up: `demand` (a call found no idle instance), `prewarm` (the autoscaler), `min`;
+    /// down: `scale_down` (above desired), `idle` (the idle grace passed), `evicted` (the
+    /// node budget), `broken` (a limit was hit), `retired` (a newer version serves),
+    /// `rebalance` (released so that a call waiting on another thread may have one).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub function: String,
+    /// `queue_full`, `queue_timeout` or `node_full`.
+    pub reason: &'static str,
+}
+
+/// Why an instance was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleUp {
+    Demand,
+    Prewarm,
+    Min,
+}
+
+/// Why an instance was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleDown {
+    ScaleDown,
+    Idle,
+    Evicted,
+    Broken,
+    Retired,
+    Rebalance,
+}
+
+/// Why a call was refused an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    QueueFull,
+    QueueTimeout,
+    NodeFull,
+}
+
+const SCALE_UP: [(ScaleUp, &str); 3] = [
+    (ScaleUp::Demand, "demand"),
+    (ScaleUp::Prewarm, "prewarm"),
+    (ScaleUp::Min, "min"),
+];
+const SCALE_DOWN: [(ScaleDown, &str); 6] = [
+    (ScaleDown::ScaleDown, "scale_down"),
+    (ScaleDown::Idle, "idle"),
+    (ScaleDown::Evicted, "evicted"),
+    (ScaleDown::Broken, "broken"),
+    (ScaleDown::Retired, "retired"),
+    (ScaleDown::Rebalance, "rebalance"),
+];
+const SHED: [(Shed, &str); 3] = [
+    (Shed::QueueFull, "queue_full"),
+    (Shed::QueueTimeout, "queue_timeout"),
+    (Shed::NodeFull, "node_full"),
+];
+
 fn latency_histogram() -> Histogram {
     // 50 µs … ~26 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -45,6 +110,13 @@ fn cold_start_histogram() -> Histogram {
     ))
 }
 
+fn queue_wait_histogram() -> Histogram {
+    // 10 µs … ~20 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00001, 2.0, 22,
+    ))
+}
+
 /// Every metric family of the node.
 pub struct Metrics {
     registry: Registry,
@@ -55,8 +127,19 @@ pub struct Metrics {
     cold_starts: Family<FunctionLabels, Counter>,
     cold_start_seconds: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     long_calls: Family<FunctionLabels, Counter>,
+    instances_desired: Family<FunctionLabels, Gauge>,
+    instances_busy: Family<FunctionLabels, Gauge>,
+    instances_idle: Family<FunctionLabels, Gauge>,
+    queue_depth: Family<FunctionLabels, Gauge>,
+    queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    scale_events: Family<ScaleLabels, Counter>,
+    shed: Family<ShedLabels, Counter>,
     pub config_revision: Gauge,
     pub functions: Gauge,
+    pub node_instances: Gauge,
+    pub node_instance_budget: Gauge,
+    pub node_memory: Gauge,
+    pub node_memory_budget: Gauge,
 }
 
 impl Metrics {
@@ -70,8 +153,19 @@ impl Metrics {
         let cold_start_seconds =
             Family::new_with_constructor(cold_start_histogram as fn() -> Histogram);
         let long_calls = Family::<FunctionLabels, Counter>::default();
+        let instances_desired = Family::<FunctionLabels, Gauge>::default();
+        let instances_busy = Family::<FunctionLabels, Gauge>::default();
+        let instances_idle = Family::<FunctionLabels, Gauge>::default();
+        let queue_depth = Family::<FunctionLabels, Gauge>::default();
+        let queue_wait = Family::new_with_constructor(queue_wait_histogram as fn() -> Histogram);
+        let scale_events = Family::<ScaleLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
+        let node_instances = Gauge::default();
+        let node_instance_budget = Gauge::default();
+        let node_memory = Gauge::default();
+        let node_memory_budget = Gauge::default();
         registry.register(
             "requests",
             "Calls of a function, by trigger",
@@ -108,6 +202,61 @@ impl Metrics {
             long_calls.clone(),
         );
         registry.register(
+            "instances_desired",
+            "Instances the autoscaler wants for a function (summed over worker threads)",
+            instances_desired.clone(),
+        );
+        registry.register(
+            "instances_busy",
+            "Instances of a function serving a call (updated every autoscaler tick)",
+            instances_busy.clone(),
+        );
+        registry.register(
+            "instances_idle",
+            "Warm instances of a function waiting for a call (updated every autoscaler tick)",
+            instances_idle.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Calls of a function waiting for an instance",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time calls that found no free instance waited for one (served or shed)",
+            queue_wait.clone(),
+        );
+        registry.register(
+            "scale_events",
+            "Instances created (up) or dropped (down), by reason",
+            scale_events.clone(),
+        );
+        registry.register(
+            "shed",
+            "Calls refused with 503 for want of an instance, by reason",
+            shed.clone(),
+        );
+        registry.register(
+            "node_instances",
+            "Live Lua instances of all functions on the node",
+            node_instances.clone(),
+        );
+        registry.register(
+            "node_instance_budget",
+            "Most Lua instances the node holds (serve --max-instances)",
+            node_instance_budget.clone(),
+        );
+        registry.register(
+            "node_instance_memory_bytes",
+            "Lua memory of all live instances, as last measured",
+            node_memory.clone(),
+        );
+        registry.register(
+            "node_instance_memory_budget_bytes",
+            "Most Lua memory the node's instances hold (serve --instance-memory)",
+            node_memory_budget.clone(),
+        );
+        registry.register(
             "config_revision",
             "Store revision of the config snapshot serving traffic",
             config_revision.clone(),
@@ -122,8 +271,19 @@ impl Metrics {
             cold_starts,
             cold_start_seconds,
             long_calls,
+            instances_desired,
+            instances_busy,
+            instances_idle,
+            queue_depth,
+            queue_wait,
+            scale_events,
+            shed,
             config_revision,
             functions,
+            node_instances,
+            node_instance_budget,
+            node_memory,
+            node_memory_budget,
         }
     }
 
@@ -147,6 +307,31 @@ impl Metrics {
             cold_starts: self.cold_starts.get_or_create_owned(&labels),
             cold_start_seconds: self.cold_start_seconds.get_or_create_owned(&labels),
             long_calls: self.long_calls.get_or_create_owned(&labels),
+            instances_desired: self.instances_desired.get_or_create_owned(&labels),
+            instances_busy: self.instances_busy.get_or_create_owned(&labels),
+            instances_idle: self.instances_idle.get_or_create_owned(&labels),
+            queue_depth: self.queue_depth.get_or_create_owned(&labels),
+            queue_wait: self.queue_wait.get_or_create_owned(&labels),
+            scale_up: SCALE_UP.map(|(_, reason)| {
+                self.scale_events.get_or_create_owned(&ScaleLabels {
+                    function: name.to_string(),
+                    direction: "up",
+                    reason,
+                })
+            }),
+            scale_down: SCALE_DOWN.map(|(_, reason)| {
+                self.scale_events.get_or_create_owned(&ScaleLabels {
+                    function: name.to_string(),
+                    direction: "down",
+                    reason,
+                })
+            }),
+            shed: SHED.map(|(_, reason)| {
+                self.shed.get_or_create_owned(&ShedLabels {
+                    function: name.to_string(),
+                    reason,
+                })
+            }),
             errors: self.errors.clone(),
         }
     }
@@ -167,6 +352,31 @@ impl Metrics {
         self.cold_starts.remove(&labels);
         self.cold_start_seconds.remove(&labels);
         self.long_calls.remove(&labels);
+        self.instances_desired.remove(&labels);
+        self.instances_busy.remove(&labels);
+        self.instances_idle.remove(&labels);
+        self.queue_depth.remove(&labels);
+        self.queue_wait.remove(&labels);
+        for (_, reason) in SCALE_UP {
+            self.scale_events.remove(&ScaleLabels {
+                function: name.to_string(),
+                direction: "up",
+                reason,
+            });
+        }
+        for (_, reason) in SCALE_DOWN {
+            self.scale_events.remove(&ScaleLabels {
+                function: name.to_string(),
+                direction: "down",
+                reason,
+            });
+        }
+        for (_, reason) in SHED {
+            self.shed.remove(&ShedLabels {
+                function: name.to_string(),
+                reason,
+            });
+        }
     }
 
     /// The Prometheus text exposition.
@@ -195,10 +405,33 @@ pub struct FunctionMetrics {
     pub cold_starts: Counter,
     pub cold_start_seconds: Histogram,
     pub long_calls: Counter,
+    pub instances_desired: Gauge,
+    pub instances_busy: Gauge,
+    pub instances_idle: Gauge,
+    pub queue_depth: Gauge,
+    pub queue_wait: Histogram,
+    scale_up: [Counter; 3],
+    scale_down: [Counter; 6],
+    shed: [Counter; 3],
     errors: Family<ErrorLabels, Counter>,
 }
 
 impl FunctionMetrics {
+    pub fn scaled_up(&self, why: ScaleUp, by: u64) {
+        let index = SCALE_UP.iter().position(|(w, _)| *w == why).unwrap_or(0);
+        self.scale_up[index].inc_by(by);
+    }
+
+    pub fn scaled_down(&self, why: ScaleDown, by: u64) {
+        let index = SCALE_DOWN.iter().position(|(w, _)| *w == why).unwrap_or(0);
+        self.scale_down[index].inc_by(by);
+    }
+
+    pub fn shed(&self, why: Shed) {
+        let index = SHED.iter().position(|(w, _)| *w == why).unwrap_or(0);
+        self.shed[index].inc();
+    }
+
     /// Counts a failed call (rare: the label lookup is fine here).
     pub fn error(&self, kind: &'static str) {
         self.errors

@@ -1,36 +1,55 @@
-//! Instance pools: warm Lua instances per function version, per worker thread.
+//! Instance pools: warm Lua instances per function version, per worker thread, scaled by
+//! the autoscaler ([`crate::autoscale`]) within the node budget ([`crate::budget`]).
 //!
 //! Lua states are `!Send`, so every worker thread keeps its own idle instances
 //! ([`LocalPools`]) and the request path touches no lock. What must be node-wide — the
 //! live-instance count checked against the function's `max`, the count of waiting calls,
-//! the wake-up of waiters on other threads — lives in [`PoolShared`] as atomics.
+//! the scale-up rate limit, the wake-up of waiters on other threads — lives in
+//! [`PoolShared`] as atomics; the node's instance and memory budget in [`NodeBudget`].
 //!
-//! Acquire: an idle local instance if there is one; else create one if the function is
-//! under `max` (a cold start); else wait in a bounded queue, up to the queue timeout, and
-//! then shed (`503`). Release: hand the instance to a local waiter; else, if calls wait on
-//! another thread, drop it so that thread may create one; else keep it idle. Broken
+//! **Acquire**: an idle local instance if there is one (most recently used first); else
+//! create one (a cold start on the request path, reason `demand`) if the function is under
+//! `max` and its scale-up rate and the node budget allow — when the node is full, the
+//! coldest idle instance on this thread is evicted first; else wait in the function's
+//! bounded queue, up to the queue timeout, and then shed (`503`).
+//!
+//! **Release**: hand the instance to a local waiter; else, if calls wait on another thread
+//! or starve for node budget, drop it so they may create one; else keep it idle. Broken
 //! instances (a limit was hit, or the call was abandoned midway) are always dropped.
 //!
-//! The scaling policy (pre-warming, panic windows, node budgets) plugs in here: it decides
-//! how many instances to create ahead of demand and when to reap idle ones.
+//! **Tick** (every [`TICK`] on each worker, for functions with recent traffic): sample each
+//! function's [`Scaler`], publish desired/busy/idle, create instances up to the desired
+//! count (pre-warming), drop idle ones above it, and evict idle instances while calls
+//! elsewhere starve for budget. **Sweep** (every second, every function): the same for
+//! functions without recent traffic — the idle grace and scale-to-`min` — and cleanup of
+//! retired versions.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moontide_runtime::{Engine, Instance, InstanceError};
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, oneshot};
 
+pub use crate::autoscale::TICK;
+use crate::autoscale::{Policy, Scaler};
+use crate::budget::{Full, NodeBudget};
+use crate::metrics::{ScaleDown, ScaleUp, Shed};
 use crate::registry::DeployedFunction;
 
-/// How long a call waits for an instance before it is shed.
-pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Most calls waiting for one function on one node before new ones are shed at once.
-pub const MAX_WAITING: usize = 1024;
+/// Most instances one function pre-warms on one thread in one tick (each is a cold start
+/// run on the tick, about 100 µs of the thread).
+const PREWARM_PER_TICK: u32 = 16;
+
+/// How often a waiting call re-checks for a slot even without a wake-up (a slot freed by
+/// a cancelled reservation, a refill of the scale-up rate).
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// Expected Lua memory of an instance before one was measured.
+const FIRST_INSTANCE_BYTES: usize = 256 << 10;
 
 /// Node-wide pool state of one deployed function version.
 pub struct PoolShared {
@@ -39,24 +58,69 @@ pub struct PoolShared {
     waiting: AtomicUsize,
     retired: AtomicBool,
     wake: Notify,
-    instances_gauge: Gauge,
+    /// Lua memory of the last instance measured after init: the expected size of the next.
+    instance_bytes: AtomicUsize,
+    /// Scale-up limiter (GCRA): the theoretical arrival time of the next instance, in ns
+    /// since `epoch`.
+    scale_up_tat: AtomicU64,
+    scale_up_interval_ns: u64,
+    scale_up_tolerance_ns: u64,
+    epoch: Instant,
+    /// Sums over worker threads, for `info` (the gauges sum over versions too).
+    desired: AtomicI64,
+    busy: AtomicI64,
+    idle: AtomicI64,
+    budget: Arc<NodeBudget>,
+}
+
+/// What `info` shows of a version's pool.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PoolStatus {
+    pub live: usize,
+    pub desired: i64,
+    pub busy: i64,
+    pub idle: i64,
+    pub waiting: usize,
 }
 
 impl PoolShared {
-    pub fn new(max: usize, instances_gauge: Gauge) -> PoolShared {
+    /// `max` instances; at most `scale_up_rate` created per second, with bursts of a tenth
+    /// of a second's worth.
+    pub fn new(max: usize, scale_up_rate: u32, budget: Arc<NodeBudget>) -> PoolShared {
+        let rate = u64::from(scale_up_rate.max(1));
+        let interval = 1_000_000_000 / rate;
+        let burst = (rate / 10).max(1);
         PoolShared {
             max: max.max(1),
             live: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             wake: Notify::new(),
-            instances_gauge,
+            instance_bytes: AtomicUsize::new(FIRST_INSTANCE_BYTES),
+            scale_up_tat: AtomicU64::new(0),
+            scale_up_interval_ns: interval,
+            scale_up_tolerance_ns: interval * (burst - 1),
+            epoch: Instant::now(),
+            desired: AtomicI64::new(0),
+            busy: AtomicI64::new(0),
+            idle: AtomicI64::new(0),
+            budget,
         }
     }
 
     /// Live instances of this version on the node (busy and idle).
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        PoolStatus {
+            live: self.live(),
+            desired: self.desired.load(Ordering::Relaxed),
+            busy: self.busy.load(Ordering::Relaxed),
+            idle: self.idle.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
     }
 
     /// Marks the version as no longer served: instances are dropped when released.
@@ -69,10 +133,6 @@ impl PoolShared {
         self.retired.load(Ordering::Acquire)
     }
 
-    fn try_reserve(&self) -> bool {
-        self.try_reserve_below(self.max)
-    }
-
     /// Reserves a slot for a new instance if fewer than `limit` (and `max`) are live.
     fn try_reserve_below(&self, limit: usize) -> bool {
         let limit = limit.min(self.max);
@@ -83,29 +143,69 @@ impl PoolShared {
             .is_ok()
     }
 
-    fn instance_gone(&self) {
+    /// An instance (or a slot reserved for one) is gone: a waiter may create one.
+    fn unreserve(&self) {
         self.live.fetch_sub(1, Ordering::AcqRel);
-        self.instances_gauge.dec();
         self.wake.notify_one();
+    }
+
+    /// Takes back a reservation that did not become an instance, without waking anyone:
+    /// a waiter woken for it would fail the same way and wake the next (a livelock).
+    /// Waiters re-check on their own every [`RECHECK`].
+    fn cancel_reservation(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes one instance creation from the scale-up rate limit, if it allows one now.
+    fn try_scale_up(&self, now: Instant) -> bool {
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.scale_up_tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |tat| {
+                let tat = tat.max(now_ns);
+                (tat - now_ns <= self.scale_up_tolerance_ns)
+                    .then_some(tat + self.scale_up_interval_ns)
+            })
+            .is_ok()
+    }
+
+    fn expected_bytes(&self) -> usize {
+        self.instance_bytes.load(Ordering::Relaxed)
     }
 }
 
 /// Why no instance could be had.
 #[derive(Debug)]
 pub enum AcquireError {
-    /// The function is at `max` and the queue is full or its timeout passed.
-    Overloaded,
+    /// No instance within the queue's bounds: the call is shed.
+    Shed(Shed),
     /// Creating an instance failed (init code error, limit hit during init).
     Init(InstanceError),
 }
 
-/// Creates an instance in a slot already reserved with `try_reserve*`, counting it; a
-/// failure gives the slot back.
+/// An instance with the bytes the node budget has it accounted at.
+struct Warm {
+    instance: Instance,
+    bytes: usize,
+}
+
+/// Why a slot for a new instance was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    AtMax,
+    RateLimited,
+    NodeFull,
+}
+
+/// Creates an instance in a slot already reserved (function `live` and node budget at
+/// `bytes`), counting it; a failure gives the slot back.
 async fn cold_start(
     engine: &Engine,
     function: &Arc<DeployedFunction>,
-) -> Result<Instance, InstanceError> {
-    function.pool.instances_gauge.inc();
+    bytes: usize,
+    why: ScaleUp,
+) -> Result<Warm, InstanceError> {
+    let shared = &function.pool;
+    function.metrics.instances.inc();
     let started = Instant::now();
     match Instance::new(engine, &function.compiled, &function.spec).await {
         Ok(instance) => {
@@ -114,62 +214,252 @@ async fn cold_start(
                 .metrics
                 .cold_start_seconds
                 .observe(started.elapsed().as_secs_f64());
-            Ok(instance)
+            function.metrics.scaled_up(why, 1);
+            let measured = instance.used_memory();
+            shared.budget.resize(bytes, measured);
+            shared.instance_bytes.store(measured, Ordering::Relaxed);
+            Ok(Warm {
+                instance,
+                bytes: measured,
+            })
         }
         Err(error) => {
-            function.pool.instance_gone();
+            function.metrics.instances.dec();
+            shared.budget.release(bytes);
+            shared.unreserve();
             Err(error)
         }
     }
 }
 
+/// Drops an instance and gives back its slots.
+fn drop_instance(function: &DeployedFunction, warm: Warm, why: ScaleDown) {
+    drop(warm.instance);
+    function.pool.budget.release(warm.bytes);
+    function.metrics.instances.dec();
+    function.metrics.scaled_down(why, 1);
+    function.pool.unreserve();
+}
+
+/// What one thread last added to the node-wide gauges for one function version.
+#[derive(Default)]
+struct Published {
+    desired: i64,
+    busy: i64,
+    idle: i64,
+}
+
 struct LocalPool {
     function: Arc<DeployedFunction>,
-    idle: Vec<(Instance, Instant)>,
-    waiters: VecDeque<oneshot::Sender<Instance>>,
+    policy: Policy,
+    /// Oldest first; calls take the most recently used (the end).
+    idle: Vec<(Warm, Instant)>,
+    waiters: VecDeque<oneshot::Sender<Warm>>,
+    /// Leases out on this thread.
+    busy: usize,
+    scaler: Scaler,
+    desired: u32,
+    published: Published,
+    /// In this thread's tick list.
+    ticking: bool,
+}
+
+impl LocalPool {
+    fn new(function: &Arc<DeployedFunction>, now: Instant) -> LocalPool {
+        LocalPool {
+            function: function.clone(),
+            policy: Policy::of(&function.config),
+            idle: Vec::new(),
+            waiters: VecDeque::new(),
+            busy: 0,
+            scaler: Scaler::new(now),
+            desired: 0,
+            published: Published::default(),
+            ticking: false,
+        }
+    }
+
+    fn local_live(&self) -> usize {
+        self.idle.len() + self.busy
+    }
+
+    /// Samples the scaler and publishes what changed. Returns how many instances to
+    /// pre-warm.
+    fn evaluate(&mut self, now: Instant) -> u32 {
+        let retired = self.function.pool.is_retired();
+        self.desired = if retired {
+            0
+        } else {
+            self.scaler.sample(now, &self.policy)
+        };
+        self.scale_down(now);
+        self.publish();
+        if retired {
+            return 0;
+        }
+        (self.desired as usize)
+            .saturating_sub(self.local_live())
+            .min(PREWARM_PER_TICK as usize) as u32
+    }
+
+    /// Drops idle instances above the desired count that idled at least a panic window
+    /// (never below the function's `min` on the node); all of them for a retired version.
+    fn scale_down(&mut self, now: Instant) {
+        let function = self.function.clone();
+        let retired = function.pool.is_retired();
+        let keep_at_least = if retired {
+            0
+        } else {
+            function.config.min as usize
+        };
+        let why = if retired {
+            ScaleDown::Retired
+        } else if self.desired == 0 {
+            ScaleDown::Idle
+        } else {
+            ScaleDown::ScaleDown
+        };
+        let mut excess = self.local_live().saturating_sub(self.desired as usize);
+        while excess > 0
+            && !self.idle.is_empty()
+            && function.pool.live() > keep_at_least
+            && (retired
+                || now.saturating_duration_since(self.idle[0].1) >= self.policy.panic_window)
+        {
+            let (warm, _) = self.idle.remove(0);
+            drop_instance(&function, warm, why);
+            excess -= 1;
+        }
+    }
+
+    /// Brings the node-wide gauges up to this thread's counts.
+    fn publish(&mut self) {
+        let now = Published {
+            desired: i64::from(self.desired),
+            busy: self.busy as i64,
+            idle: self.idle.len() as i64,
+        };
+        self.apply(now);
+    }
+
+    fn apply(&mut self, now: Published) {
+        let shared = &self.function.pool;
+        let metrics = &self.function.metrics;
+        let desired = now.desired - self.published.desired;
+        let busy = now.busy - self.published.busy;
+        let idle = now.idle - self.published.idle;
+        if desired != 0 {
+            shared.desired.fetch_add(desired, Ordering::Relaxed);
+            metrics.instances_desired.inc_by(desired);
+        }
+        if busy != 0 {
+            shared.busy.fetch_add(busy, Ordering::Relaxed);
+            metrics.instances_busy.inc_by(busy);
+        }
+        if idle != 0 {
+            shared.idle.fetch_add(idle, Ordering::Relaxed);
+            metrics.instances_idle.inc_by(idle);
+        }
+        self.published = now;
+    }
+
+    /// Still needs the fast tick (recent traffic, or instances above the desired count).
+    fn needs_tick(&self) -> bool {
+        self.scaler.is_active() || self.local_live() > self.desired as usize
+    }
+
+    /// Nothing here is worth keeping (the sweep may drop the entry).
+    fn is_empty(&self) -> bool {
+        self.idle.is_empty()
+            && self.busy == 0
+            && self.waiters.is_empty()
+            && self.scaler.level() == 0
+            && (self.function.pool.is_retired() || self.desired == 0)
+    }
+}
+
+impl Drop for LocalPool {
+    fn drop(&mut self) {
+        // Take this thread's share out of the node-wide gauges.
+        self.apply(Published::default());
+    }
 }
 
 /// One worker thread's pools, keyed by [`DeployedFunction::id`].
-#[derive(Default)]
 pub struct LocalPools {
     pools: RefCell<HashMap<u64, LocalPool>>,
+    /// Functions with recent traffic: the ones each tick evaluates.
+    ticking: RefCell<Vec<u64>>,
+    budget: Arc<NodeBudget>,
 }
 
 /// A leased instance; goes back to the pool when dropped.
 pub struct Lease {
-    instance: Option<Instance>,
+    warm: Option<Warm>,
     function: Arc<DeployedFunction>,
     pools: Rc<LocalPools>,
 }
 
 impl Lease {
     pub fn instance(&mut self) -> &mut Instance {
-        self.instance
+        &mut self
+            .warm
             .as_mut()
             .expect("a lease holds its instance until dropped")
+            .instance
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(instance) = self.instance.take() {
-            self.pools.release(&self.function, instance);
+        if let Some(warm) = self.warm.take() {
+            self.pools.with_pool(&self.function, |pool| {
+                pool.busy = pool.busy.saturating_sub(1);
+                pool.scaler.call_ended();
+            });
+            self.pools.release(&self.function, warm);
         }
     }
 }
 
+/// A call counted in its function's observed concurrency until it ends (served or shed).
+struct Demand<'a> {
+    pools: &'a LocalPools,
+    function: &'a Arc<DeployedFunction>,
+}
+
+impl Demand<'_> {
+    /// The call got its instance: its lease ends the demand.
+    fn served(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        self.pools
+            .with_pool(self.function, |pool| pool.scaler.call_ended());
+    }
+}
+
 impl LocalPools {
+    pub fn new(budget: Arc<NodeBudget>) -> LocalPools {
+        LocalPools {
+            pools: RefCell::default(),
+            ticking: RefCell::default(),
+            budget,
+        }
+    }
+
     fn with_pool<R>(
         &self,
         function: &Arc<DeployedFunction>,
         f: impl FnOnce(&mut LocalPool) -> R,
     ) -> R {
         let mut pools = self.pools.borrow_mut();
-        let pool = pools.entry(function.id).or_insert_with(|| LocalPool {
-            function: function.clone(),
-            idle: Vec::new(),
-            waiters: VecDeque::new(),
-        });
+        let pool = pools
+            .entry(function.id)
+            .or_insert_with(|| LocalPool::new(function, Instant::now()));
         f(pool)
     }
 
@@ -179,107 +469,295 @@ impl LocalPools {
         engine: &Engine,
         function: &Arc<DeployedFunction>,
     ) -> Result<Lease, AcquireError> {
-        let lease = |instance| Lease {
-            instance: Some(instance),
+        let now = Instant::now();
+        let start_tick = self.with_pool(function, |pool| {
+            pool.scaler.call_started(now);
+            !std::mem::replace(&mut pool.ticking, true)
+        });
+        if start_tick {
+            self.ticking.borrow_mut().push(function.id);
+        }
+        let demand = Demand {
+            pools: self,
+            function,
+        };
+        let warm = self.acquire_warm(engine, function, now).await?;
+        demand.served();
+        self.with_pool(function, |pool| pool.busy += 1);
+        Ok(Lease {
+            warm: Some(warm),
             function: function.clone(),
             pools: self.clone(),
-        };
+        })
+    }
+
+    async fn acquire_warm(
+        &self,
+        engine: &Engine,
+        function: &Arc<DeployedFunction>,
+        started: Instant,
+    ) -> Result<Warm, AcquireError> {
         let shared = &function.pool;
-        let deadline = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+        let config = &function.config;
+        let deadline = tokio::time::Instant::from_std(started)
+            + Duration::from_millis(config.queue_timeout_ms);
+        let mut waited = false;
+        let observe_wait = |waited: bool| {
+            if waited {
+                function
+                    .metrics
+                    .queue_wait
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        };
         loop {
-            if let Some((instance, _)) = self.with_pool(function, |pool| pool.idle.pop()) {
-                return Ok(lease(instance));
+            if let Some((warm, _)) = self.with_pool(function, |pool| pool.idle.pop()) {
+                observe_wait(waited);
+                return Ok(warm);
             }
-            if shared.try_reserve() {
-                return cold_start(engine, function)
-                    .await
-                    .map(lease)
-                    .map_err(AcquireError::Init);
-            }
-            if shared.waiting.load(Ordering::Relaxed) >= MAX_WAITING {
-                return Err(AcquireError::Overloaded);
+            let refused = match self.reserve(function, true) {
+                Ok(bytes) => {
+                    observe_wait(waited);
+                    return cold_start(engine, function, bytes, ScaleUp::Demand)
+                        .await
+                        .map_err(AcquireError::Init);
+                }
+                Err(refused) => refused,
+            };
+            let queue_size = config.queue_size as usize;
+            let queued =
+                shared
+                    .waiting
+                    .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |waiting| {
+                        (waiting < queue_size).then_some(waiting + 1)
+                    });
+            if queued.is_err() {
+                observe_wait(waited);
+                return Err(AcquireError::Shed(Shed::QueueFull));
             }
             let (sender, receiver) = oneshot::channel();
             self.with_pool(function, |pool| pool.waiters.push_back(sender));
-            shared.waiting.fetch_add(1, Ordering::AcqRel);
+            function.metrics.queue_depth.inc();
+            waited = true;
             let woken = shared.wake.notified();
-            let outcome = tokio::select! {
-                handed = receiver => handed.ok(),
-                _ = woken => None,
-                _ = tokio::time::sleep_until(deadline) => {
-                    shared.waiting.fetch_sub(1, Ordering::AcqRel);
-                    return Err(AcquireError::Overloaded);
-                }
+            let starving = (refused == Refused::NodeFull).then(|| shared.budget.starve());
+            let freed = shared.budget.freed();
+            let recheck = if refused == Refused::RateLimited {
+                RECHECK.min(Duration::from_nanos(shared.scale_up_interval_ns))
+            } else {
+                RECHECK
             };
+            let outcome = tokio::select! {
+                handed = receiver => Ok(handed.ok()),
+                _ = woken => Ok(None),
+                _ = freed, if starving.is_some() => Ok(None),
+                _ = tokio::time::sleep(recheck) => Ok(None),
+                _ = tokio::time::sleep_until(deadline) => Err(()),
+            };
+            drop(starving);
             shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            if let Some(instance) = outcome {
-                return Ok(lease(instance));
+            function.metrics.queue_depth.dec();
+            match outcome {
+                Ok(Some(warm)) => {
+                    observe_wait(true);
+                    return Ok(warm);
+                }
+                Ok(None) => {}
+                Err(()) => {
+                    observe_wait(true);
+                    let why = if refused == Refused::NodeFull {
+                        Shed::NodeFull
+                    } else {
+                        Shed::QueueTimeout
+                    };
+                    return Err(AcquireError::Shed(why));
+                }
             }
         }
     }
 
-    fn release(&self, function: &Arc<DeployedFunction>, mut instance: Instance) {
+    /// Reserves a slot for a new instance of `function`: under its `max`, within the node
+    /// budget (evicting this thread's coldest idle instance if `evict` and the node is
+    /// full) and its scale-up rate. Returns the bytes accounted for it.
+    fn reserve(&self, function: &Arc<DeployedFunction>, evict: bool) -> Result<usize, Refused> {
+        self.reserve_below(function, usize::MAX, evict)
+    }
+
+    fn reserve_below(
+        &self,
+        function: &Arc<DeployedFunction>,
+        limit: usize,
+        evict: bool,
+    ) -> Result<usize, Refused> {
         let shared = &function.pool;
-        if instance.is_broken() || shared.is_retired() {
-            drop(instance);
-            shared.instance_gone();
+        if shared.is_retired() || !shared.try_reserve_below(limit) {
+            return Err(Refused::AtMax);
+        }
+        let bytes = shared.expected_bytes();
+        loop {
+            match shared.budget.try_admit(bytes) {
+                Ok(()) => break,
+                Err(Full::Instances | Full::Memory)
+                    if evict && self.evict_coldest(Some(function.id)) => {}
+                Err(_) => {
+                    shared.cancel_reservation();
+                    return Err(Refused::NodeFull);
+                }
+            }
+        }
+        if !shared.try_scale_up(Instant::now()) {
+            shared.budget.cancel(bytes);
+            shared.cancel_reservation();
+            return Err(Refused::RateLimited);
+        }
+        Ok(bytes)
+    }
+
+    /// Drops the idle instance on this thread that has idled longest, of a function other
+    /// than `except`, above that function's `min`. `false` if there is none.
+    fn evict_coldest(&self, except: Option<u64>) -> bool {
+        let mut pools = self.pools.borrow_mut();
+        let coldest = pools
+            .values()
+            .filter(|pool| {
+                Some(pool.function.id) != except
+                    && !pool.idle.is_empty()
+                    && pool.function.pool.live() > pool.function.config.min as usize
+            })
+            .min_by_key(|pool| pool.idle[0].1)
+            .map(|pool| pool.function.id);
+        let Some(pool) = coldest.and_then(|id| pools.get_mut(&id)) else {
+            return false;
+        };
+        let (warm, _) = pool.idle.remove(0);
+        let function = pool.function.clone();
+        pool.publish();
+        drop(pools);
+        drop_instance(&function, warm, ScaleDown::Evicted);
+        true
+    }
+
+    /// Takes back an instance no call holds: to a waiter, to the node, or to the idle list.
+    fn release(&self, function: &Arc<DeployedFunction>, warm: Warm) {
+        let shared = &function.pool;
+        if warm.instance.is_broken() {
+            drop_instance(function, warm, ScaleDown::Broken);
             return;
         }
+        if shared.is_retired() {
+            drop_instance(function, warm, ScaleDown::Retired);
+            return;
+        }
+        let measured = warm.instance.used_memory();
+        shared.budget.resize(warm.bytes, measured);
+        let mut warm = Warm {
+            instance: warm.instance,
+            bytes: measured,
+        };
         let kept = self.with_pool(function, |pool| {
             while let Some(waiter) = pool.waiters.pop_front() {
-                match waiter.send(instance) {
+                match waiter.send(warm) {
                     Ok(()) => return None,
-                    Err(returned) => instance = returned,
+                    Err(returned) => warm = returned,
                 }
             }
-            Some(instance)
+            Some(warm)
         });
-        let Some(instance) = kept else {
+        let Some(warm) = kept else {
             return;
         };
-        if shared.waiting.load(Ordering::Acquire) > 0 {
-            // Calls wait on another thread: free the slot for them.
-            drop(instance);
-            shared.instance_gone();
+        if shared.waiting.load(Ordering::Acquire) > 0 || shared.budget.starving() > 0 {
+            // Calls wait on another thread, or for node budget: free the slot for them.
+            drop_instance(function, warm, ScaleDown::Rebalance);
             return;
         }
-        self.with_pool(function, |pool| pool.idle.push((instance, Instant::now())));
+        self.with_pool(function, |pool| pool.idle.push((warm, Instant::now())));
     }
 
-    /// Drops idle instances past their function's idle timeout (never below the
-    /// function's `min` on the node), and every pool of a retired version. Runs
-    /// periodically on each worker.
-    pub fn reap(&self, now: Instant) {
-        let mut pools = self.pools.borrow_mut();
-        pools.retain(|_, pool| {
-            let function = &pool.function;
-            let retired = function.pool.is_retired();
-            let idle_timeout = Duration::from_millis(function.config.idle_timeout_ms);
-            let keep_at_least = if retired {
-                0
-            } else {
-                function.config.min as usize
-            };
-            // Oldest idle first; the most recently used stay warm.
-            let mut index = 0;
-            while index < pool.idle.len() {
-                let expired = retired || now.duration_since(pool.idle[index].1) >= idle_timeout;
-                if expired && function.pool.live() > keep_at_least {
-                    drop(pool.idle.remove(index));
-                    function.pool.instance_gone();
+    /// The autoscaler's fast pass (every [`TICK`]): evaluates the functions with recent
+    /// traffic on this thread, pre-warms what they need and gives idle instances to calls
+    /// starving for node budget elsewhere.
+    pub async fn tick(self: &Rc<Self>, engine: &Engine, now: Instant) {
+        let ids = std::mem::take(&mut *self.ticking.borrow_mut());
+        let mut prewarm = Vec::new();
+        {
+            let mut pools = self.pools.borrow_mut();
+            let mut still = self.ticking.borrow_mut();
+            for id in ids {
+                let Some(pool) = pools.get_mut(&id) else {
+                    continue;
+                };
+                let count = pool.evaluate(now);
+                if count > 0 {
+                    prewarm.push((pool.function.clone(), count));
+                }
+                if pool.needs_tick() {
+                    still.push(id);
                 } else {
-                    index += 1;
+                    pool.ticking = false;
                 }
             }
+        }
+        self.give_to_starving();
+        for (function, count) in prewarm {
+            self.prewarm(engine, &function, count, ScaleUp::Prewarm, usize::MAX)
+                .await;
+        }
+    }
+
+    /// While calls starve for node budget, evicts this thread's coldest idle instances.
+    fn give_to_starving(&self) {
+        for _ in 0..self.budget.starving() {
+            if !self.evict_coldest(None) {
+                return;
+            }
+        }
+    }
+
+    /// Creates up to `count` instances of `function` (while under `limit` live on the node)
+    /// and makes them available; stops at the first refusal or failure.
+    async fn prewarm(
+        &self,
+        engine: &Engine,
+        function: &Arc<DeployedFunction>,
+        count: u32,
+        why: ScaleUp,
+        limit: usize,
+    ) {
+        for _ in 0..count {
+            let Ok(bytes) = self.reserve_below(function, limit, false) else {
+                return;
+            };
+            match cold_start(engine, function, bytes, why).await {
+                Ok(warm) => self.release(function, warm),
+                Err(error) => {
+                    function.metrics.error(error.kind());
+                    tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");
+                    return;
+                }
+            }
+        }
+        self.with_pool(function, LocalPool::publish);
+    }
+
+    /// The slow pass (every second, all functions on this thread): brings every scaler up
+    /// to date, so idle graces expire and functions fall to `min` without traffic; drops
+    /// the pools of retired versions and of functions with nothing left here.
+    pub fn sweep(&self, now: Instant) {
+        let mut pools = self.pools.borrow_mut();
+        pools.retain(|_, pool| {
+            if !pool.ticking {
+                pool.evaluate(now);
+            }
             pool.waiters.retain(|waiter| !waiter.is_closed());
-            !(pool.idle.is_empty() && pool.waiters.is_empty() && retired)
+            pool.ticking || !pool.is_empty()
         });
     }
 
     /// Creates instances of functions below their `min` on the node, one per function per
     /// call, so warm capacity returns after a restart, a deploy or a failure.
     pub async fn keep_warm<'a>(
-        self: &Rc<Self>,
+        &self,
         engine: &Engine,
         functions: impl Iterator<Item = &'a Arc<DeployedFunction>>,
     ) {
@@ -288,20 +766,14 @@ impl LocalPools {
             .cloned()
             .collect();
         for function in below_min {
-            if function.pool.is_retired()
-                || !function
-                    .pool
-                    .try_reserve_below(function.config.min as usize)
-            {
-                continue;
-            }
-            match cold_start(engine, &function).await {
-                Ok(instance) => self.release(&function, instance),
-                Err(error) => {
-                    function.metrics.error(error.kind());
-                    tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");
-                }
-            }
+            self.prewarm(
+                engine,
+                &function,
+                1,
+                ScaleUp::Min,
+                function.config.min as usize,
+            )
+            .await;
         }
     }
 }

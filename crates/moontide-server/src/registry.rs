@@ -22,6 +22,7 @@ use moontide_store::{Revision, Store, StoreError};
 use tokio::sync::watch;
 
 use crate::api::FunctionConfig;
+use crate::budget::NodeBudget;
 use crate::logs::{LogHub, VersionLogSink};
 use crate::metrics::{FunctionMetrics, Metrics};
 use crate::pool::PoolShared;
@@ -84,13 +85,16 @@ pub struct Registry {
     next_id: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub logs: Arc<LogHub>,
+    /// The node's instance and memory budget, shared by every function's pool.
+    pub budget: Arc<NodeBudget>,
     /// Per function name: whether its calls are long-running (outlives versions).
     long_running: parking_lot::Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>, logs: Arc<LogHub>) -> Registry {
+    pub fn new(metrics: Arc<Metrics>, logs: Arc<LogHub>, budget: Arc<NodeBudget>) -> Registry {
         Registry {
+            budget,
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             published: watch::channel(None).0,
             next_id: AtomicU64::new(1),
@@ -175,7 +179,8 @@ impl Registry {
             compiled: Arc::new(compiled),
             pool: Arc::new(PoolShared::new(
                 record.config.max as usize,
-                metrics.instances.clone(),
+                record.config.max_scale_up_rate,
+                self.budget.clone(),
             )),
             spec,
             config: record.config.clone(),

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{self, OwnedRequest, Role, Worker};
 use crate::errors::ApiError;
+use crate::pool;
 use crate::registry::{DeployedFunction, Registry};
 use moontide_runtime::HttpResponse;
 
@@ -174,18 +175,30 @@ where
         })
 }
 
-/// Reaps idle instances and keeps `min` warm on this thread, every second.
+/// Runs this thread's autoscaler: the fast tick every [`pool::TICK`] (functions with
+/// recent traffic), the sweep and `min` keeping every second.
 fn spawn_reaper(worker: &Rc<Worker>) -> tokio::task::JoinHandle<()> {
     let worker = worker.clone();
     tokio::task::spawn_local(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(pool::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sweep_every = (SWEEP.as_millis() / pool::TICK.as_millis()).max(1) as u64;
+        let mut count: u64 = 0;
         loop {
             tick.tick().await;
-            worker.pools.reap(Instant::now());
-            worker.keep_warm().await;
+            let now = Instant::now();
+            worker.pools.tick(worker.engine(), now).await;
+            count += 1;
+            if count % sweep_every == 0 {
+                worker.pools.sweep(now);
+                worker.keep_warm().await;
+            }
         }
     })
 }
+
+/// How often every function on a thread is re-evaluated (idle graces, `min`).
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// The long-call worker: runs the calls I/O workers hand it. It stops when every I/O
 /// worker has stopped (they hold the senders), then lets the calls in flight finish,

@@ -39,6 +39,55 @@ pub struct Cli {
     data_dir: PathBuf,
 }
 
+/// The autoscaler's knobs of `deploy` (see DESIGN.md §2 and `moontide_server::autoscale`).
+#[derive(Debug, clap::Args)]
+struct ScalingArgs {
+    /// Calls one instance serves at once (the autoscaler's target).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Idle grace: without calls this long, scale down to --min (e.g. 60s).
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Slow average of observed concurrency (scale-down follows it), e.g. 1s.
+    #[arg(long)]
+    stable_window: Option<String>,
+    /// Fast average of observed concurrency (scale-up follows it), e.g. 100ms.
+    #[arg(long)]
+    panic_window: Option<String>,
+    /// Most instances created per second on the node.
+    #[arg(long)]
+    max_scale_up_rate: Option<u32>,
+    /// Most calls waiting for an instance; more are shed with 503.
+    #[arg(long)]
+    queue_size: Option<u32>,
+    /// Longest a call waits for an instance before a 503, e.g. 1s.
+    #[arg(long)]
+    queue_timeout: Option<String>,
+}
+
+impl ScalingArgs {
+    /// The set knobs as admin API config fields.
+    fn into_config(self, config: &mut serde_json::Map<String, Value>) {
+        let fields = [
+            ("concurrency", self.concurrency.map(|v| json!(v))),
+            ("idle_timeout", self.idle_timeout.map(|v| json!(v))),
+            ("stable_window", self.stable_window.map(|v| json!(v))),
+            ("panic_window", self.panic_window.map(|v| json!(v))),
+            (
+                "max_scale_up_rate",
+                self.max_scale_up_rate.map(|v| json!(v)),
+            ),
+            ("queue_size", self.queue_size.map(|v| json!(v))),
+            ("queue_timeout", self.queue_timeout.map(|v| json!(v))),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                config.insert(key.into(), value);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node: data plane, admin API and everything deployed.
@@ -55,6 +104,12 @@ enum Command {
         /// Deploy every examples/*.lua at start (if not deployed yet).
         #[arg(long)]
         examples: Option<PathBuf>,
+        /// Most Lua instances on the node, all functions together.
+        #[arg(long, default_value_t = 20_000)]
+        max_instances: usize,
+        /// Most Lua memory all instances hold together, e.g. 8GiB (default: half the RAM).
+        #[arg(long)]
+        instance_memory: Option<String>,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -75,6 +130,8 @@ enum Command {
         /// Most instances on the node.
         #[arg(long)]
         max: Option<u32>,
+        #[command(flatten)]
+        scaling: ScalingArgs,
         /// Environment (secrets), KEY=VALUE; repeatable.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
@@ -123,7 +180,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin_addr,
             workers,
             examples,
-        } => serve(cli.data_dir, listen, admin_addr, workers, examples).await,
+            max_instances,
+            instance_memory,
+        } => {
+            let mut config = ServeConfig {
+                data_dir: cli.data_dir.clone(),
+                listen,
+                admin: admin_addr,
+                max_instances,
+                ..ServeConfig::default()
+            };
+            if let Some(workers) = workers {
+                if workers == 0 {
+                    bail!("--workers must be at least 1");
+                }
+                config.workers = workers;
+            }
+            if max_instances == 0 {
+                bail!("--max-instances must be at least 1");
+            }
+            if let Some(memory) = instance_memory {
+                config.max_instance_memory = moontide_server::api::parse_size(
+                    &moontide_server::api::SizeInput::Text(memory),
+                )
+                .map_err(|message| anyhow::anyhow!("--instance-memory: {message}"))?
+                    as usize;
+            }
+            serve(config, examples).await
+        }
         Command::Deploy {
             name,
             path,
@@ -132,9 +216,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory,
             min,
             max,
+            scaling,
             env,
         } => {
             let mut config = serde_json::Map::new();
+            scaling.into_config(&mut config);
             if let Some(route) = route {
                 config.insert("route".into(), json!(route));
             }
@@ -185,31 +271,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(
-    data_dir: PathBuf,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    workers: Option<usize>,
-    examples: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
+async fn serve(config: ServeConfig, examples: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let data_dir = config.data_dir.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut config = ServeConfig {
-        data_dir: data_dir.clone(),
-        listen,
-        admin,
-        ..ServeConfig::default()
-    };
-    if let Some(workers) = workers {
-        if workers == 0 {
-            bail!("--workers must be at least 1");
-        }
-        config.workers = workers;
-    }
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let server = moontide_server::serve(config, shutdown_signal(), move |data, admin| {
         // Tests and scripts read these two lines to find the ports.
