@@ -145,9 +145,12 @@ impl Scaler {
         needed.max(u32::from(in_grace && self.was_used()))
     }
 
-    /// `true` while the averages still remember calls (the function needs ticking).
+    /// `true` while the fast tick can change the answer: a call is in flight, or the
+    /// averages ask for more than the one instance the idle grace keeps anyway. A function
+    /// called now and then (10 000 functions sharing a node) is left to the sweep, so a
+    /// tick costs O(busy functions), not O(functions with traffic).
     pub fn is_active(&self) -> bool {
-        self.level > 0 || self.stable > 0.01 || self.panic > 0.01
+        self.level > 0 || self.stable.max(self.panic) > 1.0
     }
 
     fn was_used(&self) -> bool {
@@ -243,6 +246,20 @@ mod tests {
         at += Duration::from_secs(21);
         assert_eq!(scaler.sample(at, &policy), 0, "after the grace");
         assert!(!scaler.is_active());
+    }
+
+    #[test]
+    fn a_function_called_now_and_then_leaves_the_fast_tick() {
+        let mut at = Instant::now();
+        let mut scaler = Scaler::new(at);
+        // Three short calls a second (one tick each).
+        for _ in 0..30 {
+            scaler.call_started(at);
+            scaler.call_ended();
+            at += Duration::from_millis(333);
+            assert!(scaler.sample(at, &policy()) <= 1);
+            assert!(!scaler.is_active());
+        }
     }
 
     #[test]
