@@ -6,6 +6,11 @@ set -euo pipefail
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
+# Debian's prometheus package ships both binaries the Prometheus tests run. Its postinst
+# may start a system prometheus on :9090 (not where policy-rc.d forbids it, as in Docker
+# images); that is harmless: the tests start their own on free ports.
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } \
+    || need_apt+=(prometheus)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi

@@ -1,7 +1,10 @@
 //! Test harness: starts the real `moontide` binary on free loopback ports with a fresh data
-//! dir, and drives it over HTTP (reqwest) and through the CLI binary.
+//! dir, and drives it over HTTP (reqwest) and through the CLI binary; [`prometheus`] runs a
+//! real Prometheus (and promtool) against it.
 
 #![allow(dead_code)]
+
+pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
