@@ -133,15 +133,34 @@ async fn readyz(State(state): Shared) -> Response {
     }
 }
 
-async fn metrics(State(state): Shared) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.registry.metrics.encode(),
-    )
-        .into_response()
+/// OpenMetrics for scrapers that ask for it (Prometheus does); the classic text format
+/// 0.0.4 for everyone else (promtool, curl, older scrapers that ignore Content-Type).
+async fn metrics(State(state): Shared, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    let openmetrics = state.registry.metrics.encode();
+    if wants_openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            openmetrics,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::text_format(&openmetrics),
+        )
+            .into_response()
+    }
 }
 
 async fn openapi() -> Response {

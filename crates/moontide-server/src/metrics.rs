@@ -443,9 +443,54 @@ impl FunctionMetrics {
     }
 }
 
+/// Rewrites an OpenMetrics exposition (what prometheus-client writes) as the Prometheus
+/// text format 0.0.4: a counter family `x` is announced as `x_total` (its samples' name),
+/// and the `# UNIT` and `# EOF` lines go. Everything else — sample lines, label escaping,
+/// histogram buckets — is the same in both formats for the metric types used here.
+pub fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let announced = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match announced {
+            Some(renamed) => text.push_str(&renamed),
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_format_names_counters_by_their_samples() {
+        let metrics = Metrics::new();
+        metrics.function("f").http_requests.inc();
+        let text = text_format(&metrics.encode());
+        assert!(
+            text.contains("# TYPE moontide_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP moontide_requests_total Calls of a function"));
+        assert!(text.contains("moontide_requests_total{function=\"f\",trigger=\"http\"} 1\n"));
+        assert!(text.contains("# TYPE moontide_instances gauge\n"));
+        assert!(!text.contains("# EOF"));
+    }
 
     #[test]
     fn exposition_has_function_series() {

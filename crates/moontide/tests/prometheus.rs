@@ -1,7 +1,7 @@
 //! The node's `/metrics` as Prometheus itself sees it: `promtool check metrics` finds no
-//! lint problems in the exposition (beyond those of reading OpenMetrics as the older text
-//! format, see [`common::prometheus::PromtoolReport::problems`]), and a real Prometheus
-//! scraping the admin port stores the calls made and every per-function series.
+//! lint problems in the exposition (the classic text format, served to clients that do not
+//! ask for OpenMetrics), and a real Prometheus scraping the admin port (OpenMetrics) stores
+//! the calls made and every per-function and node-wide series.
 
 mod common;
 
@@ -27,13 +27,6 @@ const EXPECTED_SERIES: &[&str] = &[
     "moontide_cold_starts_total",
     "moontide_cold_start_duration_seconds_bucket",
     "moontide_long_calls_total",
-];
-
-/// Series being added on another branch (autoscaling and queueing): not asserted yet; they
-/// move into [`EXPECTED_SERIES`] when that branch is merged, except the `node_*` ones:
-/// those are node-wide (no `function` label) and need a query of their own.
-#[allow(dead_code)]
-const PENDING_SERIES: &[&str] = &[
     "moontide_instances_desired",
     "moontide_instances_busy",
     "moontide_instances_idle",
@@ -41,8 +34,16 @@ const PENDING_SERIES: &[&str] = &[
     "moontide_queue_wait_seconds_bucket",
     "moontide_scale_events_total",
     "moontide_shed_total",
+];
+
+/// Node-wide series (no `function` label).
+const NODE_SERIES: &[&str] = &[
     "moontide_node_instances",
     "moontide_node_instance_budget",
+    "moontide_node_instance_memory_bytes",
+    "moontide_node_instance_memory_budget_bytes",
+    "moontide_functions",
+    "moontide_config_revision",
 ];
 
 /// A node with one function called [`CALLS`] times over the data plane.
@@ -66,7 +67,7 @@ async fn promtool_accepts_the_exposition() {
         "the exposition has the function's series:\n{exposition}"
     );
     let report = promtool_check(&exposition);
-    let problems = report.problems(&exposition);
+    let problems = report.problems();
     assert!(
         report.parsed() && problems.is_empty(),
         "promtool check metrics ({}): {problems:?}\nstdout:\n{}\nstderr:\n{}\n\
@@ -109,6 +110,11 @@ async fn prometheus_scrapes_the_admin_port() {
             .query(&format!("{series}{{function=\"{FUNCTION}\"}}"))
             .await;
         if !has_series(&data) {
+            missing.push(*series);
+        }
+    }
+    for series in NODE_SERIES {
+        if !has_series(&prometheus.query(series).await) {
             missing.push(*series);
         }
     }

@@ -223,37 +223,15 @@ impl PromtoolReport {
         matches!(self.status.code(), Some(0 | 3))
     }
 
-    /// promtool's lint problems (`NAME problem` lines) about `exposition`, minus the ones
-    /// that only come from promtool reading OpenMetrics as the older text format.
-    ///
-    /// promtool (2.42) parses only the text format 0.0.4. In OpenMetrics a counter family
-    /// `x` has `# HELP x` and `# TYPE x counter` but its sample is `x_total`; the text
-    /// parser takes `x_total` for a family of its own, untyped and without help, and says
-    /// `x_total no help text`. Prometheus itself picks its parser by Content-Type and reads
-    /// such a counter correctly. Any other problem is kept.
-    pub fn problems<'a>(&'a self, exposition: &str) -> Vec<&'a str> {
+    /// Every problem promtool reported (lint findings or parse errors).
+    pub fn problems(&self) -> Vec<&str> {
         self.stdout
             .lines()
             .chain(self.stderr.lines())
             .map(str::trim)
             .filter(|line| !line.is_empty())
-            .filter(|line| !openmetrics_counter_artifact(line, exposition))
             .collect()
     }
-}
-
-fn openmetrics_counter_artifact(line: &str, exposition: &str) -> bool {
-    let Some(family) = line
-        .strip_suffix(" no help text")
-        .and_then(|name| name.strip_suffix("_total"))
-    else {
-        return false;
-    };
-    let (type_line, help) = (
-        format!("# TYPE {family} counter"),
-        format!("# HELP {family} "),
-    );
-    exposition.lines().any(|l| l == type_line) && exposition.lines().any(|l| l.starts_with(&help))
 }
 
 /// Runs `promtool check metrics` with `exposition` on its stdin.
