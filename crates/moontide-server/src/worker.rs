@@ -189,7 +189,7 @@ fn spawn_reaper(worker: &Rc<Worker>) -> tokio::task::JoinHandle<()> {
             let now = Instant::now();
             worker.pools.tick(worker.engine(), now).await;
             count += 1;
-            if count % sweep_every == 0 {
+            if count.is_multiple_of(sweep_every) {
                 worker.pools.sweep(now);
                 worker.keep_warm().await;
             }
