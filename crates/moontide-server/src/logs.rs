@@ -31,7 +31,9 @@ pub struct LogRecord {
 pub struct FunctionLog {
     name: String,
     ring: Mutex<Ring>,
-    followers: broadcast::Sender<LogRecord>,
+    /// Made on the first `follow`: a broadcast channel preallocates its 1024 slots (about
+    /// 100 KiB), which 10 000 deployed functions nobody follows should not pay.
+    followers: std::sync::OnceLock<broadcast::Sender<LogRecord>>,
 }
 
 #[derive(Default)]
@@ -45,7 +47,7 @@ impl FunctionLog {
         FunctionLog {
             name: name.to_string(),
             ring: Mutex::new(Ring::default()),
-            followers: broadcast::channel(1024).0,
+            followers: std::sync::OnceLock::new(),
         }
     }
 
@@ -63,7 +65,9 @@ impl FunctionLog {
                 }
             }
         }
-        let _ = self.followers.send(record);
+        if let Some(followers) = self.followers.get() {
+            let _ = followers.send(record);
+        }
     }
 
     /// The last `tail` lines.
@@ -74,7 +78,9 @@ impl FunctionLog {
     }
 
     pub fn follow(&self) -> broadcast::Receiver<LogRecord> {
-        self.followers.subscribe()
+        self.followers
+            .get_or_init(|| broadcast::channel(1024).0)
+            .subscribe()
     }
 }
 
