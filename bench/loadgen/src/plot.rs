@@ -1,6 +1,6 @@
 //! `timeline.svg`: two stacked panels over one time axis. Top: offered and achieved
 //! requests/s, errors and 503s per second as bars (left axis), p50/p99 latency on a log
-//! scale (right axis). Bottom: instances (actual, desired, oracle) as step lines and cold
+//! scale (right axis; see `timeline` for which requests have a latency). Bottom: instances (actual, desired, oracle) as step lines and cold
 //! starts per 100 ms as bars. Dashed verticals mark the high phase and the load stop.
 //!
 //! Text is emitted as SVG `<text>` (plotters' SVG backend without a font feature), so the
@@ -16,7 +16,9 @@ use crate::summary::Summary;
 use crate::timeline::{BUCKET_S, Row};
 
 const WIDTH: u32 = 1280;
-const HEIGHT: u32 = 880;
+const HEIGHT: u32 = 900;
+/// Height of the title and text lines above the panels.
+const HEADER: u32 = 86;
 const FONT: &str = "sans-serif";
 
 const OFFERED: RGBColor = RGBColor(120, 120, 120);
@@ -35,13 +37,14 @@ const MARKER: RGBColor = RGBColor(150, 150, 150);
 pub fn draw(path: &Path, rows: &[Row], pattern: &Pattern, summary: &Summary) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (header, body) = root.split_vertically(70);
-    draw_header(&header, pattern, summary)?;
-    let (top, bottom) = body.split_vertically((HEIGHT - 70) / 2 + 20);
-    let t_max = (rows.len() as f64 * BUCKET_S).max(BUCKET_S);
+    let (header, body) = root.split_vertically(HEADER);
     let markers = phase_markers(pattern);
-    draw_load(&top, rows, t_max, &markers, summary)?;
-    draw_instances(&bottom, rows, t_max, &markers, summary)?;
+    draw_header(&header, pattern, &markers, summary)?;
+    let (top, bottom) = body.split_vertically((HEIGHT - HEADER) / 2 + 20);
+    let t_max = (rows.len() as f64 * BUCKET_S).max(BUCKET_S);
+    let times: Vec<f64> = markers.iter().map(|(t, _)| *t).collect();
+    draw_load(&top, rows, t_max, &times, summary)?;
+    draw_instances(&bottom, rows, t_max, &times, summary)?;
     root.present()?;
     Ok(())
 }
@@ -49,16 +52,26 @@ pub fn draw(path: &Path, rows: &[Row], pattern: &Pattern, summary: &Summary) -> 
 fn draw_header(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     pattern: &Pattern,
+    markers: &[(f64, &str)],
     summary: &Summary,
 ) -> anyhow::Result<()> {
-    let title = format!(
-        "moontide elasticity — {} — function {} (service time {} ms)",
-        pattern, summary.function, summary.service_time_ms
-    );
     area.draw(&Text::new(
-        title,
-        (20, 14),
-        (FONT, 22).into_font().style(FontStyle::Bold),
+        format!("Elasticity — {pattern}"),
+        (20, 10),
+        (FONT, 21).into_font().style(FontStyle::Bold),
+    ))?;
+    let mut setup = format!(
+        "function {} ({} ms per call) · timeout {} ms · dashed lines:",
+        summary.function, summary.service_time_ms, summary.timeout_ms
+    );
+    for (i, (t, label)) in markers.iter().enumerate() {
+        let sep = if i == 0 { " " } else { ", " };
+        setup.push_str(&format!("{sep}{label} at {t} s"));
+    }
+    area.draw(&Text::new(
+        setup,
+        (20, 40),
+        (FONT, 14).into_font().color(&BLACK),
     ))?;
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
     let mut line = format!(
@@ -84,8 +97,8 @@ fn draw_header(
     }
     area.draw(&Text::new(
         line,
-        (20, 44),
-        (FONT, 15).into_font().color(&BLACK),
+        (20, 62),
+        (FONT, 14).into_font().color(&BLACK),
     ))?;
     Ok(())
 }
@@ -135,7 +148,7 @@ fn phase_markers(pattern: &Pattern) -> Vec<(f64, &'static str)> {
         }
         Pattern::Burst { .. } => {
             let (start, end) = pattern.high_phase().expect("burst has a high phase");
-            markers.push((start, "burst"));
+            markers.push((start, "burst starts"));
             markers.push((end, "load stops"));
             return markers;
         }
@@ -200,7 +213,7 @@ fn draw_load(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     rows: &[Row],
     t_max: f64,
-    markers: &[(f64, &str)],
+    markers: &[f64],
     summary: &Summary,
 ) -> anyhow::Result<()> {
     let rps_peak = rows
@@ -224,13 +237,14 @@ fn draw_load(
     let (lat_lo, lat_hi) = if latencies.is_empty() {
         (1.0, 1000.0)
     } else {
+        // The highest point sits at 60% of the axis (log), below the legend.
         let lo = (lat_lo * 0.7).max(0.1);
-        (lo, (lat_hi * 3.0).max(lo * 10.0))
+        (lo, (lo * (lat_hi / lo).powf(1.0 / 0.6)).max(lo * 10.0))
     };
 
     let mut chart = ChartBuilder::on(area)
         .caption(
-            "Load: requests/s (left), latency per 100 ms bucket of send time (right, log)",
+            "Load: requests/s (left); latency of the requests sent in each 100 ms, 503s excluded (right, log)",
             (FONT, 16),
         )
         .margin(10)
@@ -263,8 +277,8 @@ fn draw_load(
         .axis_desc_style((FONT, 14))
         .draw()?;
 
-    for (t, label) in markers {
-        draw_marker(&mut chart, *t, rps_max, label)?;
+    for t in markers {
+        draw_marker(&mut chart, *t, rps_max)?;
     }
 
     // Errors and 503s, stacked, as per-second rates.
@@ -275,24 +289,24 @@ fn draw_load(
             let top = f64::from(r.errors) / BUCKET_S;
             Rectangle::new(
                 [(r.t_s, 0.0), (r.t_s + BUCKET_S, top)],
-                ERRORS.mix(0.8).filled(),
+                ERRORS.mix(0.5).filled(),
             )
         }))?
         .label(format!(
             "errors / s (timeouts, non-503 failures; {errors_total} in all)"
         ))
-        .legend(legend_box(ERRORS.mix(0.8)));
+        .legend(legend_box(ERRORS.mix(0.5)));
     chart
         .draw_series(rows.iter().filter(|r| r.shed > 0).map(|r| {
             let bottom = f64::from(r.errors) / BUCKET_S;
             let top = bottom + f64::from(r.shed) / BUCKET_S;
             Rectangle::new(
                 [(r.t_s, bottom), (r.t_s + BUCKET_S, top)],
-                SHED.mix(0.8).filled(),
+                SHED.mix(0.5).filled(),
             )
         }))?
         .label(format!("shed (503) / s ({shed_total} in all)"))
-        .legend(legend_box(SHED.mix(0.8)));
+        .legend(legend_box(SHED.mix(0.5)));
 
     draw_lines(
         &mut chart,
@@ -352,7 +366,7 @@ fn draw_instances(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     rows: &[Row],
     t_max: f64,
-    markers: &[(f64, &str)],
+    markers: &[f64],
     summary: &Summary,
 ) -> anyhow::Result<()> {
     let peak = rows
@@ -389,8 +403,8 @@ fn draw_instances(
         .axis_desc_style((FONT, 14))
         .light_line_style(RGBColor(240, 240, 240))
         .draw()?;
-    for (t, label) in markers {
-        draw_marker(&mut chart, *t, y_max, label)?;
+    for t in markers {
+        draw_marker(&mut chart, *t, y_max)?;
     }
     let cold_total = summary
         .cold_starts
@@ -487,13 +501,8 @@ where
     Ok(())
 }
 
-/// A dashed vertical line at `t` with its label at the top.
-fn draw_marker<Y>(
-    chart: &mut Chart<'_, '_, Y>,
-    t: f64,
-    y_max: f64,
-    label: &str,
-) -> anyhow::Result<()>
+/// A dashed vertical line at `t` (labelled in the header).
+fn draw_marker<Y>(chart: &mut Chart<'_, '_, Y>, t: f64, y_max: f64) -> anyhow::Result<()>
 where
     Y: Ranged<ValueType = f64>,
 {
@@ -503,17 +512,6 @@ where
         4,
         MARKER.stroke_width(1),
     ))?;
-    chart.draw_series(std::iter::once(Text::new(
-        label.to_string(),
-        (t, y_max),
-        (FONT, 12)
-            .into_font()
-            .color(&MARKER)
-            .pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Left,
-                plotters::style::text_anchor::VPos::Top,
-            )),
-    )))?;
     Ok(())
 }
 

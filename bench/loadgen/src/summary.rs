@@ -223,7 +223,7 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "latency: p50 {}, p99 {}, max {}",
+            "latency (answers but 503s, timeouts at the timeout): p50 {}, p99 {}, max {}",
             ms(self.latency.p50_ms),
             ms(self.latency.p99_ms),
             ms(self.latency.max_ms)
@@ -254,11 +254,16 @@ impl Summary {
                 .map_or("-".to_string(), |v| v.to_string()),
             self.flapping.offered_reversals
         );
+        let no_scale_down = match (self.final_instances, self.peak_instances) {
+            (Some(last), Some(peak)) if last >= peak => " (= the peak: no scale-down seen)",
+            _ => "",
+        };
         let _ = writeln!(
             out,
-            "after the load stops (t={:.1}s): instances reach their final value {} after {}",
+            "after the load stops (t={:.1}s): instances reach their final value {}{} after {}",
             self.load_stop_s,
             num(self.final_instances),
+            no_scale_down,
             secs(self.settle_after_stop_s)
         );
         let g = &self.generator;

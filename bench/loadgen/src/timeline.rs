@@ -3,8 +3,10 @@
 //! A request belongs to the bucket in which it was *scheduled* to be sent, whenever it
 //! finished. Its latency runs from that scheduled instant (not from when the generator
 //! got round to it), so a generator that falls behind shows up as latency instead of
-//! hiding it. Latency percentiles cover every request that got an HTTP answer (any
-//! status) plus timeouts, counted at the timeout; transport errors have no latency.
+//! hiding it. Latency percentiles cover every request that got an HTTP answer other than
+//! 503, plus timeouts counted at the timeout. 503s (shed: fast rejections that would pull
+//! the percentiles down exactly when the node is overloaded) and transport errors have
+//! no latency; they are counted in their own columns.
 //!
 //! Gauges come from the last scrape that landed in the bucket (the previous bucket's
 //! value if none did); counters are turned into per-bucket deltas.
@@ -89,7 +91,7 @@ impl Recorder {
                 b.transport += 1;
             }
         }
-        if outcome != Outcome::Transport {
+        if !matches!(outcome, Outcome::Transport | Outcome::Status(503)) {
             b.latency_ms.push(latency_ms as f32);
         }
     }
