@@ -11,7 +11,8 @@
 #   - a fresh node: `moontide serve --workers 1` pinned to CPU 0 (so each pattern starts
 #     with no instance at all), on MT_PORT / MT_ADMIN_PORT;
 #   - deploy bench/functions/sleep20.lua as `sleep20` (each call sleeps 20 ms, answers
-#     200 "ok") with config {"max": MAX_INSTANCES};
+#     200 "ok") with config {"max": MAX_INSTANCES, "idle_timeout": IDLE_TIMEOUT} (the
+#     scaling policy's other knobs keep their defaults);
 #   - moontide-load pinned to CPU 1: open-loop GET load on /fn/sleep20 following the
 #     pattern, the node's /metrics scraped every 100 ms;
 #   - the node is stopped.
@@ -29,6 +30,7 @@
 #   RAMP_BASE=100 RAMP_PEAK=3000 RAMP_DURATION=30s
 #   CONSTANT_RATE=1000 CONSTANT_DURATION=10s
 #   MAX_INSTANCES=500    the function's `max`
+#   IDLE_TIMEOUT=5s      the function's idle grace (the default 60 s outlasts the runs)
 #   TIMEOUT=5s           per-request timeout of the load tool (a timeout is an error)
 #   TAIL=5s              keep watching the node this long after the load's end
 #   MAX_CONNECTIONS=2000 the load tool's connection cap
@@ -54,6 +56,7 @@ SINE_PERIOD=${SINE_PERIOD:-20s}; SINE_DURATION=${SINE_DURATION:-40s}
 RAMP_BASE=${RAMP_BASE:-100}; RAMP_PEAK=${RAMP_PEAK:-3000}; RAMP_DURATION=${RAMP_DURATION:-30s}
 CONSTANT_RATE=${CONSTANT_RATE:-1000}; CONSTANT_DURATION=${CONSTANT_DURATION:-10s}
 MAX_INSTANCES=${MAX_INSTANCES:-500}
+IDLE_TIMEOUT=${IDLE_TIMEOUT:-5s}
 TIMEOUT=${TIMEOUT:-5s}
 TAIL=${TAIL:-5s}
 MAX_CONNECTIONS=${MAX_CONNECTIONS:-2000}
@@ -165,7 +168,7 @@ start_server() {
     local token body code
     token=$(cat "$SERVER_DIR/data/admin.token") || die 2 "no admin token in $SERVER_DIR/data"
     body=$(jq -n --rawfile src "$FUNCTION_FILE" --argjson max "$MAX_INSTANCES" \
-        '{source: $src, config: {max: $max}}')
+        --arg idle "$IDLE_TIMEOUT" '{source: $src, config: {max: $max, idle_timeout: $idle}}')
     code=$(curl -sS -o "$SERVER_DIR/deploy.json" -w '%{http_code}' -m 10 -X PUT \
         -H "Authorization: Bearer $token" -H 'content-type: application/json' \
         --data-binary "$body" "http://$HOST:$MT_ADMIN_PORT/v1/functions/$FUNCTION") ||
@@ -217,7 +220,7 @@ for pattern in $PATTERNS; do
         --service-time 20ms --target-concurrency 1 --out "$out")
     {
         echo "command: ${cmd[*]}"
-        echo "node: taskset -c 0 moontide serve --workers 1; function $FUNCTION (bench/functions/$FUNCTION.lua), config {\"max\": $MAX_INSTANCES}"
+        echo "node: taskset -c 0 moontide serve --workers 1; function $FUNCTION (bench/functions/$FUNCTION.lua), config {\"max\": $MAX_INSTANCES, \"idle_timeout\": \"$IDLE_TIMEOUT\"}"
         echo "machine: $MACHINE"
         echo "versions: $MT_VER, git $GIT$GIT_DIRTY"
         echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

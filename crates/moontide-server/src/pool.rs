@@ -206,8 +206,16 @@ async fn cold_start(
 ) -> Result<Warm, InstanceError> {
     let shared = &function.pool;
     function.metrics.instances.inc();
+    // If the caller goes away mid-init (the client hung up), the slot comes back.
+    let mut slot = Slot {
+        function,
+        bytes,
+        taken: false,
+    };
     let started = Instant::now();
-    match Instance::new(engine, &function.compiled, &function.spec).await {
+    let created = Instance::new(engine, &function.compiled, &function.spec).await;
+    slot.taken = true;
+    match created {
         Ok(instance) => {
             function.metrics.cold_starts.inc();
             function
@@ -228,6 +236,54 @@ async fn cold_start(
             shared.budget.release(bytes);
             shared.unreserve();
             Err(error)
+        }
+    }
+}
+
+/// A slot reserved for an instance being created; given back if the creation is abandoned.
+struct Slot<'a> {
+    function: &'a DeployedFunction,
+    bytes: usize,
+    taken: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.function.metrics.instances.dec();
+            self.function.pool.budget.release(self.bytes);
+            self.function.pool.unreserve();
+        }
+    }
+}
+
+/// A call's place in a function's queue, counted (node-wide, on this thread, in the
+/// queue-depth gauge) until it is dropped — also when the call is abandoned mid-wait
+/// (client gone). An instance handed to it after it stopped listening (it was woken for
+/// another reason at the same moment, or its client went away) is not lost: dropping the
+/// place takes it out of the channel and gives its slots back.
+struct Waiting<'a> {
+    receiver: oneshot::Receiver<Warm>,
+    function: &'a Arc<DeployedFunction>,
+    pools: &'a LocalPools,
+}
+
+impl Waiting<'_> {
+    /// The instance handed over, if one was.
+    fn take(&mut self) -> Option<Warm> {
+        self.receiver.close();
+        self.receiver.try_recv().ok()
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.function.pool.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.function.metrics.queue_depth.dec();
+        self.pools
+            .with_pool(self.function, |pool| pool.waiting -= 1);
+        if let Some(warm) = self.take() {
+            drop_instance(self.function, warm, ScaleDown::Rebalance);
         }
     }
 }
@@ -255,6 +311,9 @@ struct LocalPool {
     /// Oldest first; calls take the most recently used (the end).
     idle: Vec<(Warm, Instant)>,
     waiters: VecDeque<oneshot::Sender<Warm>>,
+    /// Calls of this function waiting on this thread (some may be between wake-ups and
+    /// out of `waiters`).
+    waiting: usize,
     /// Leases out on this thread.
     busy: usize,
     scaler: Scaler,
@@ -271,6 +330,7 @@ impl LocalPool {
             policy: Policy::of(&function.config),
             idle: Vec::new(),
             waiters: VecDeque::new(),
+            waiting: 0,
             busy: 0,
             scaler: Scaler::new(now),
             desired: 0,
@@ -373,6 +433,7 @@ impl LocalPool {
         self.idle.is_empty()
             && self.busy == 0
             && self.waiters.is_empty()
+            && self.waiting == 0
             && self.scaler.level() == 0
             && (self.function.pool.is_retired() || self.desired == 0)
     }
@@ -536,8 +597,16 @@ impl LocalPools {
                 return Err(AcquireError::Shed(Shed::QueueFull));
             }
             let (sender, receiver) = oneshot::channel();
-            self.with_pool(function, |pool| pool.waiters.push_back(sender));
+            self.with_pool(function, |pool| {
+                pool.waiters.push_back(sender);
+                pool.waiting += 1;
+            });
             function.metrics.queue_depth.inc();
+            let mut place = Waiting {
+                receiver,
+                function,
+                pools: self,
+            };
             waited = true;
             let woken = shared.wake.notified();
             let starving = (refused == Refused::NodeFull).then(|| shared.budget.starve());
@@ -548,15 +617,19 @@ impl LocalPools {
                 RECHECK
             };
             let outcome = tokio::select! {
-                handed = receiver => Ok(handed.ok()),
+                handed = &mut place.receiver => Ok(handed.ok()),
                 _ = woken => Ok(None),
                 _ = freed, if starving.is_some() => Ok(None),
                 _ = tokio::time::sleep(recheck) => Ok(None),
                 _ = tokio::time::sleep_until(deadline) => Err(()),
             };
             drop(starving);
-            shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            function.metrics.queue_depth.dec();
+            // Handed an instance while woken for another reason: take it.
+            let outcome = match outcome {
+                Ok(None) | Err(()) => place.take().map_or(outcome, |warm| Ok(Some(warm))),
+                handed => handed,
+            };
+            drop(place);
             match outcome {
                 Ok(Some(warm)) => {
                     observe_wait(true);
@@ -661,13 +734,15 @@ impl LocalPools {
                     Err(returned) => warm = returned,
                 }
             }
-            Some(warm)
+            Some((warm, pool.waiting))
         });
-        let Some(warm) = kept else {
+        let Some((warm, waiting_here)) = kept else {
             return;
         };
-        if shared.waiting.load(Ordering::Acquire) > 0 || shared.budget.starving() > 0 {
+        let waiting_elsewhere = shared.waiting.load(Ordering::Acquire) > waiting_here;
+        if waiting_elsewhere || shared.budget.starving() > 0 {
             // Calls wait on another thread, or for node budget: free the slot for them.
+            // (Calls waiting here between wake-ups find this instance idle when they retry.)
             drop_instance(function, warm, ScaleDown::Rebalance);
             return;
         }

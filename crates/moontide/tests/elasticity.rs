@@ -245,6 +245,53 @@ async fn the_bounded_queue_sheds_with_503_and_retry_after() {
     );
 }
 
+/// Calls that wait, race a hand-over with a re-check, time out, or are abandoned by their
+/// client mid-wait must leave nothing behind: afterwards the queue is empty and every
+/// instance comes back to the node (a leaked instance would hold `max` forever).
+#[tokio::test]
+async fn waiting_and_abandoned_calls_leak_nothing() {
+    let node = Node::start();
+    node.deploy(
+        "contended",
+        SLEEPER,
+        json!({"max": 2, "queue_timeout": "3s", "idle_timeout": "200ms",
+               "stable_window": "100ms", "panic_window": "20ms"}),
+    )
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(40))
+        .build()
+        .unwrap();
+    let patient = (0..24).map(|_| async {
+        let response = node.get("/fn/contended?ms=15").await;
+        assert_eq!(response.status(), 200);
+    });
+    let abandoned = (0..12).map(|_| {
+        let request = impatient.get(node.url("/fn/contended?ms=15")).send();
+        async move {
+            // Gives up while queued behind the others.
+            let _ = request.await;
+        }
+    });
+    tokio::join!(
+        futures_util::future::join_all(patient),
+        futures_util::future::join_all(abandoned)
+    );
+    let metrics = wait_for_metric(&node, "moontide_node_instances", |v| v == 0.0).await;
+    assert_eq!(
+        metric(&metrics, r#"moontide_queue_depth{function="contended"}"#),
+        0.0,
+        "{metrics}"
+    );
+    let (_, info) = node
+        .admin_json(reqwest::Method::GET, "/v1/functions/contended", None)
+        .await;
+    assert_eq!(info["instances"]["waiting"], 0, "{info}");
+    assert_eq!(info["instances"]["live"], 0, "{info}");
+    // And the function still serves.
+    assert_eq!(node.get("/fn/contended?ms=1").await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_full_node_evicts_idle_instances_of_cold_functions_before_refusing() {
     let node = Node::start_with(&["--workers", "1", "--max-instances", "2"]);
