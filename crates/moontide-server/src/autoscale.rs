@@ -157,14 +157,10 @@ impl Scaler {
         self.level > 0 || self.stable > 0.0 || self.panic > 0.0
     }
 
-    /// The fast and slow averages (for `info`).
-    pub fn averages(&self) -> (f64, f64) {
+    /// The fast and slow averages.
+    #[cfg(test)]
+    fn averages(&self) -> (f64, f64) {
         (self.panic, self.stable)
-    }
-
-    /// When the last call started.
-    pub fn last_call(&self) -> Instant {
-        self.last_call
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Node;
+use common::{Node, metric_value as metric};
 use serde_json::{Value, json};
 
 /// Sleeps `event.queryStringParameters.ms` (default 100) and answers "ok".
@@ -20,15 +20,6 @@ return function(event)
     return "ok"
 end
 "#;
-
-/// The value of one series (`name{labels}`) in an exposition; 0 when absent.
-fn metric(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Polls `/metrics` until `series` satisfies `done` (bounded); returns the last exposition.
 async fn wait_for_metric(node: &Node, series: &str, done: impl Fn(f64) -> bool) -> String {

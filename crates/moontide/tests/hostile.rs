@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::Node;
+use common::{Node, metric_value};
 use serde_json::Value;
 
 /// One expected outcome: status, error code, and the `kind` label counted in the metrics.
@@ -171,15 +171,6 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
         "hostile corpus failures:\n{}",
         failures.join("\n")
     );
-}
-
-/// The count in one metrics line `SERIES VALUE`, or 0.
-fn metric_value(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A call that cannot yield (a pattern bomb inside the C matcher) runs on the long-call
