@@ -474,11 +474,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(warm) = self.warm.take() {
-            self.pools.with_pool(&self.function, |pool| {
-                pool.busy = pool.busy.saturating_sub(1);
-                pool.scaler.call_ended();
-            });
-            self.pools.release(&self.function, warm);
+            self.pools.release(&self.function, warm, true);
         }
     }
 }
@@ -531,12 +527,23 @@ impl LocalPools {
         function: &Arc<DeployedFunction>,
     ) -> Result<Lease, AcquireError> {
         let now = Instant::now();
-        let start_tick = self.with_pool(function, |pool| {
+        // The common case in one lookup: count the call, take an idle instance.
+        let (start_tick, idle) = self.with_pool(function, |pool| {
             pool.scaler.call_started(now);
-            !std::mem::replace(&mut pool.ticking, true)
+            let idle = pool.idle.pop().map(|(warm, _)| warm);
+            pool.busy += usize::from(idle.is_some());
+            (!std::mem::replace(&mut pool.ticking, true), idle)
         });
         if start_tick {
             self.ticking.borrow_mut().push(function.id);
+        }
+        let lease = |warm| Lease {
+            warm: Some(warm),
+            function: function.clone(),
+            pools: self.clone(),
+        };
+        if let Some(warm) = idle {
+            return Ok(lease(warm));
         }
         let demand = Demand {
             pools: self,
@@ -545,11 +552,7 @@ impl LocalPools {
         let warm = self.acquire_warm(engine, function, now).await?;
         demand.served();
         self.with_pool(function, |pool| pool.busy += 1);
-        Ok(Lease {
-            warm: Some(warm),
-            function: function.clone(),
-            pools: self.clone(),
-        })
+        Ok(lease(warm))
     }
 
     async fn acquire_warm(
@@ -711,42 +714,49 @@ impl LocalPools {
     }
 
     /// Takes back an instance no call holds: to a waiter, to the node, or to the idle list.
-    fn release(&self, function: &Arc<DeployedFunction>, warm: Warm) {
+    /// `call_ended`: it comes from a lease, whose call is now over.
+    fn release(&self, function: &Arc<DeployedFunction>, warm: Warm, call_ended: bool) {
         let shared = &function.pool;
-        if warm.instance.is_broken() {
-            drop_instance(function, warm, ScaleDown::Broken);
-            return;
-        }
-        if shared.is_retired() {
-            drop_instance(function, warm, ScaleDown::Retired);
-            return;
-        }
-        let measured = warm.instance.used_memory();
-        shared.budget.resize(warm.bytes, measured);
-        let mut warm = Warm {
-            instance: warm.instance,
-            bytes: measured,
+        let unusable = if warm.instance.is_broken() {
+            Some(ScaleDown::Broken)
+        } else if shared.is_retired() {
+            Some(ScaleDown::Retired)
+        } else {
+            None
         };
-        let kept = self.with_pool(function, |pool| {
+        let mut warm = warm;
+        if unusable.is_none() {
+            let measured = warm.instance.used_memory();
+            shared.budget.resize(warm.bytes, measured);
+            warm.bytes = measured;
+        }
+        let dropped = self.with_pool(function, |pool| {
+            if call_ended {
+                pool.busy = pool.busy.saturating_sub(1);
+                pool.scaler.call_ended();
+            }
+            if let Some(why) = unusable {
+                return Some((warm, why));
+            }
             while let Some(waiter) = pool.waiters.pop_front() {
                 match waiter.send(warm) {
                     Ok(()) => return None,
                     Err(returned) => warm = returned,
                 }
             }
-            Some((warm, pool.waiting))
+            let waiting_elsewhere = shared.waiting.load(Ordering::Acquire) > pool.waiting;
+            if waiting_elsewhere || shared.budget.starving() > 0 {
+                // Calls wait on another thread, or for node budget: free the slot for them.
+                // (Calls waiting here between wake-ups find this instance idle when they
+                // retry.)
+                return Some((warm, ScaleDown::Rebalance));
+            }
+            pool.idle.push((warm, Instant::now()));
+            None
         });
-        let Some((warm, waiting_here)) = kept else {
-            return;
-        };
-        let waiting_elsewhere = shared.waiting.load(Ordering::Acquire) > waiting_here;
-        if waiting_elsewhere || shared.budget.starving() > 0 {
-            // Calls wait on another thread, or for node budget: free the slot for them.
-            // (Calls waiting here between wake-ups find this instance idle when they retry.)
-            drop_instance(function, warm, ScaleDown::Rebalance);
-            return;
+        if let Some((warm, why)) = dropped {
+            drop_instance(function, warm, why);
         }
-        self.with_pool(function, |pool| pool.idle.push((warm, Instant::now())));
     }
 
     /// The autoscaler's fast pass (every [`TICK`]): evaluates the functions with recent
@@ -804,7 +814,7 @@ impl LocalPools {
                 return;
             };
             match cold_start(engine, function, bytes, why).await {
-                Ok(warm) => self.release(function, warm),
+                Ok(warm) => self.release(function, warm, false),
                 Err(error) => {
                     function.metrics.error(error.kind());
                     tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");
