@@ -37,25 +37,14 @@ if [ -z "${MOONTIDE_BIN:-}" ]; then
     MOONTIDE_BIN=$REPO/target/release/moontide
 fi
 
-WORK=$(mktemp -d /tmp/moontide-density.XXXXXX)
-SERVER_PID=
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-taskset -c 0 "$MOONTIDE_BIN" serve --data-dir "$WORK/data" --listen "127.0.0.1:$PORT" \
-    --admin "127.0.0.1:$ADMIN_PORT" --workers 1 >"$WORK/out" 2>"$WORK/err" &
-SERVER_PID=$!
-for _ in $(seq 100); do
-    grep -q "admin API listening" "$WORK/out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "admin API listening" "$WORK/out" || { echo "server did not start" >&2; cat "$WORK/err" >&2; exit 2; }
-TOKEN=$(cat "$WORK/data/admin.token")
+# shellcheck source=lib/node.sh
+. "$HERE/lib/node.sh"
+start_pinned_node "$MOONTIDE_BIN" "$PORT" "$ADMIN_PORT"
+WORK=$NODE_DIR
+SERVER_PID=$NODE_PID
+TOKEN=$NODE_TOKEN
 
 # Let the node settle, then measure its idle RSS.
 sleep 1

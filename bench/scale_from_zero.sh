@@ -26,25 +26,12 @@ if [ -z "${MOONTIDE_BIN:-}" ]; then
     (cd "$REPO" && cargo build --release -q -p moontide)
     MOONTIDE_BIN=$REPO/target/release/moontide
 fi
-WORK=$(mktemp -d /tmp/moontide-zero.XXXXXX)
-SERVER_PID=
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-taskset -c 0 "$MOONTIDE_BIN" serve --data-dir "$WORK/data" --listen "127.0.0.1:$PORT" \
-    --admin "127.0.0.1:$ADMIN_PORT" --workers 1 >"$WORK/out" 2>"$WORK/err" &
-SERVER_PID=$!
-for _ in $(seq 100); do
-    grep -q "admin API listening" "$WORK/out" 2>/dev/null && break
-    sleep 0.1
-done
-grep -q "admin API listening" "$WORK/out" || { echo "server did not start" >&2; cat "$WORK/err" >&2; exit 2; }
+# shellcheck source=lib/node.sh
+. "$HERE/lib/node.sh"
+start_pinned_node "$MOONTIDE_BIN" "$PORT" "$ADMIN_PORT"
 
 mkdir -p "$RESULTS_DIR"
-taskset -c 1 python3 - "$N" "$ROUNDS" "$PORT" "$ADMIN_PORT" "$(cat "$WORK/data/admin.token")" \
+taskset -c 1 python3 - "$N" "$ROUNDS" "$PORT" "$ADMIN_PORT" "$NODE_TOKEN" \
     "$REPO/bench/functions/hello.lua" <<'PY' | tee "$RESULTS_DIR/scale_from_zero.md"
 import http.client, json, re, sys, time
 n, rounds, port, admin_port, token, path = sys.argv[1:7]
