@@ -2,7 +2,8 @@
 //! functions together may hold on this node.
 //!
 //! Every instance is counted here from its creation to its drop, with the bytes its Lua
-//! state held when last measured (after init, and again each time a call releases it).
+//! state held when last measured (after init, and again each time a call releases it, if
+//! it moved by 16 KiB or more).
 //! A new instance is admitted only under both limits. When the node is full the pool first
 //! evicts an idle instance on its own thread, coldest first; if it has none, the call
 //! *starves*: it waits in its function's queue and [`NodeBudget::starving`] tells every

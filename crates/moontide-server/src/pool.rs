@@ -48,6 +48,9 @@ const PREWARM_PER_TICK: u32 = 16;
 /// a cancelled reservation, a refill of the scale-up rate).
 const RECHECK: Duration = Duration::from_millis(20);
 
+/// Smallest change of an instance's heap that is re-accounted in the node budget.
+const RESIZE_STEP: usize = 16 << 10;
+
 /// Expected Lua memory of an instance before one was measured.
 const FIRST_INSTANCE_BYTES: usize = 256 << 10;
 
@@ -726,9 +729,13 @@ impl LocalPools {
         };
         let mut warm = warm;
         if unusable.is_none() {
+            // Re-account the heap only when it moved by a page or more: the node-wide
+            // counters are shared by every worker, and most calls leave a little garbage.
             let measured = warm.instance.used_memory();
-            shared.budget.resize(warm.bytes, measured);
-            warm.bytes = measured;
+            if measured.abs_diff(warm.bytes) >= RESIZE_STEP {
+                shared.budget.resize(warm.bytes, measured);
+                warm.bytes = measured;
+            }
         }
         let dropped = self.with_pool(function, |pool| {
             if call_ended {
