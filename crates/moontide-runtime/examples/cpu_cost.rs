@@ -98,7 +98,7 @@ async fn main() {
     let mut worst: f64 = 0.0;
     for (name, source) in WORKLOADS {
         let compiled = Arc::new(compile(&FunctionSource::single(*source)).expect("compiles"));
-        let mut instance = Instance::new(&engine, &compiled, &spec)
+        let instance = Instance::new(&engine, &compiled, &spec)
             .await
             .expect("instance");
         let lua = mlua::Lua::new();
@@ -168,7 +168,7 @@ async fn stop_margins(engine: &Engine, rounds: usize) {
         let mut overruns = Vec::new();
         for round in 0..rounds {
             // A fresh instance each time: a timed-out instance is discarded in production.
-            let mut instance = Instance::new(engine, &compiled, &spec)
+            let instance = Instance::new(engine, &compiled, &spec)
                 .await
                 .expect("instance");
             let started = Instant::now();

@@ -1,15 +1,22 @@
-//! One sandboxed Luau state serving one version of one function, one call at a time.
+//! One sandboxed Luau state serving one version of one function.
 //!
 //! An instance is created from a [`CompiledFunction`] (bytecode, no parsing), runs the
-//! module-level init code once, and keeps the handler it returned. Each call sets the
-//! limits first (deadline, timeslice), runs the handler in a coroutine driven by the
-//! caller's async task, and classifies failures into their own error kinds. An instance
-//! that broke a limit is marked broken: the pool discards it instead of reusing it.
+//! module-level init code once, and keeps the handler it returned. Each call runs the
+//! handler in its own coroutine driven by the caller's async task, under its own limits
+//! (deadline, timeslice; see [`CallFrame`]), and classifies failures into their own error
+//! kinds. An instance that broke a limit is marked broken: the pool discards it instead of
+//! reusing it.
+//!
+//! Calls may overlap on one instance (a function's `concurrency` above 1): each is a
+//! coroutine of the same state, resumed by its own task on the instance's thread, so only
+//! one runs at a time and they interleave where they wait (I/O, timeslices). Each call
+//! keeps its own deadline, request id and `ctx`; the memory cap is the instance's, shared.
 //!
 //! State a call leaves in the instance (module-level tables, globals) is seen by later
 //! calls of the same instance — of the same function version only, as in Lambda. Keep it
 //! a cache.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,7 +33,7 @@ use crate::fairness::{self, Seat};
 use crate::limits::Limits;
 use crate::modules::json;
 use crate::modules::log::EmitLog;
-use crate::sandbox::{self, CallState, LimitHit, MemoryCap, SandboxSpec};
+use crate::sandbox::{self, CallFrame, CallState, LimitHit, MemoryCap, SandboxSpec};
 use crate::watchdog::Watched;
 
 /// Severity of a function log line.
@@ -127,13 +134,17 @@ pub struct InstanceSpec {
 pub struct Instance {
     lua: Lua,
     handler: Function,
+    /// The `ctx` of a call that has the instance to itself (most calls: no table made).
     ctx: Table,
+    /// A pristine `ctx`, copied for a call that overlaps another.
+    ctx_template: Table,
     event_keys: contract::EventKeys,
     state: Rc<CallState>,
     emit_log: EmitLog,
     limits: Limits,
-    broken: bool,
-    last_call: CallStats,
+    broken: Cell<bool>,
+    calls_in_flight: Cell<u32>,
+    last_call: Cell<CallStats>,
 }
 
 /// What the last call cost its thread.
@@ -173,7 +184,9 @@ impl Instance {
             CallError::MemoryLimit => InstanceError::Init(CallError::MemoryLimit),
             _ => InstanceError::Setup(e.to_string()),
         })?;
-        let ctx = build_ctx(&sandbox.lua, spec, &sandbox.state, &sandbox.emit_log)
+        let ctx_template = build_ctx(&sandbox.lua, spec, &sandbox.state, &sandbox.emit_log)
+            .map_err(|e| InstanceError::Setup(e.to_string()))?;
+        let ctx = copy_table(&sandbox.lua, &ctx_template)
             .map_err(|e| InstanceError::Setup(e.to_string()))?;
         let event_keys = contract::EventKeys::new(&sandbox.lua)
             .map_err(|e| InstanceError::Setup(e.to_string()))?;
@@ -181,12 +194,14 @@ impl Instance {
             lua: sandbox.lua,
             handler: sandbox.main.clone(),
             ctx,
+            ctx_template,
             event_keys,
             state: sandbox.state,
             emit_log: sandbox.emit_log,
             limits: spec.limits,
-            broken: false,
-            last_call: CallStats::default(),
+            broken: Cell::new(false),
+            calls_in_flight: Cell::new(0),
+            last_call: Cell::new(CallStats::default()),
         };
         let init = sandbox.main;
         let result = instance
@@ -207,7 +222,7 @@ impl Instance {
     /// Direct invocation: `payload` is the event; the result is the handler's return value
     /// as JSON text (`null` for `nil`).
     pub async fn invoke_json(
-        &mut self,
+        &self,
         payload: &serde_json::Value,
         request_id: &str,
     ) -> Result<Vec<u8>, CallError> {
@@ -226,10 +241,7 @@ impl Instance {
 
     /// HTTP trigger: the event is an API Gateway proxy event (v1); the result becomes the
     /// response per DESIGN.md §1.
-    pub async fn invoke_http(
-        &mut self,
-        request: &HttpRequest<'_>,
-    ) -> Result<HttpResponse, CallError> {
+    pub async fn invoke_http(&self, request: &HttpRequest<'_>) -> Result<HttpResponse, CallError> {
         let event =
             contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
@@ -238,17 +250,23 @@ impl Instance {
 
     /// `true` if the instance broke a limit and must not serve another call.
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.broken.get()
     }
 
-    /// What the last call (or the init) cost its thread.
+    /// Calls running on this instance now (suspended ones included).
+    pub fn calls_in_flight(&self) -> u32 {
+        self.calls_in_flight.get()
+    }
+
+    /// What the call (or the init) that completed last cost its thread. Read it right
+    /// after the call's future completes: no other call of the instance can end between.
     pub fn last_call(&self) -> CallStats {
-        self.last_call
+        self.last_call.get()
     }
 
     /// Caps how long one call may hold the thread without yielding (`None`: no cap).
     /// Threads that serve many functions set it; a thread given to long calls does not.
-    pub fn set_blocking_cap(&mut self, cap: Option<Duration>) {
+    pub fn set_blocking_cap(&self, cap: Option<Duration>) {
         let cap_ms = cap.map_or(u64::MAX, |cap| (cap.as_millis() as u64).max(1));
         self.state.blocking_cap_ms.set(cap_ms);
     }
@@ -258,12 +276,17 @@ impl Instance {
         self.lua.used_memory()
     }
 
-    async fn call(&mut self, event: Value, request_id: &str) -> Result<Value, CallError> {
-        self.ctx
-            .raw_set("request_id", request_id)
+    async fn call(&self, event: Value, request_id: &str) -> Result<Value, CallError> {
+        // A call alone on the instance reuses its `ctx`; one that overlaps another gets
+        // its own, so that each sees its own request id.
+        let ctx = if self.calls_in_flight.get() == 0 {
+            self.ctx.clone()
+        } else {
+            copy_table(&self.lua, &self.ctx_template).map_err(|e| classify(&e))?
+        };
+        ctx.raw_set("request_id", request_id)
             .map_err(|e| classify(&e))?;
         let handler = self.handler.clone();
-        let ctx = self.ctx.clone();
         self.run(
             move || handler.call_async::<Value>((event, ctx)),
             request_id,
@@ -273,24 +296,22 @@ impl Instance {
 
     /// Runs one coroutine under the limits, and turns every failure into its kind. Errors
     /// go to the function log, tagged with the request id.
-    async fn run<F>(
-        &mut self,
-        start: impl FnOnce() -> F,
-        request_id: &str,
-    ) -> Result<Value, CallError>
+    async fn run<F>(&self, start: impl FnOnce() -> F, request_id: &str) -> Result<Value, CallError>
     where
         F: std::future::Future<Output = mlua::Result<Value>>,
     {
         let timeout = self.limits.timeout;
         let _ticking = clock::Ticking::start();
-        let deadline = clock::now_ms() + timeout.as_millis() as u64;
-        self.state.begin(request_id, deadline);
-        // Until the call completes the instance counts as broken: if the caller abandons
-        // the future midway (client gone), the coroutine is left suspended and the
-        // instance must not be reused.
-        self.broken = true;
-        let cap = MemoryCap::arm(&self.lua, self.limits.memory_bytes)
-            .map_err(|e| CallError::Runtime(format!("arming the memory cap: {e}")))?;
+        let mut frame = CallFrame {
+            deadline_ms: clock::now_ms() + timeout.as_millis() as u64,
+            request_id: Rc::from(request_id),
+            limit_hit: None,
+        };
+        // If the caller abandons the call midway (client gone), its coroutine is left
+        // suspended and the instance must not be reused.
+        let in_flight = InFlight::start(self);
+        let lua = &self.lua;
+        let memory_bytes = self.limits.memory_bytes;
         let state = self.state.clone();
         let watched = Watched::start(self.state.switch());
         let mut call = std::pin::pin!(start());
@@ -304,6 +325,12 @@ impl Instance {
         let fair_call = async {
             loop {
                 let step = std::future::poll_fn(|cx| {
+                    state.enter(&frame);
+                    // The cap is armed only while Lua code runs (see `MemoryCap`).
+                    let cap = match MemoryCap::arm(lua, memory_bytes) {
+                        Ok(cap) => cap,
+                        Err(e) => return Poll::Ready(Step::Done(Err(e))),
+                    };
                     let now = clock::now_ms();
                     state.resumed_at_ms.set(now);
                     state.new_slice(now);
@@ -312,6 +339,8 @@ impl Instance {
                     let cpu_started = used_a_slice.then(thread_cpu_time);
                     let started = Instant::now();
                     let poll = call.as_mut().poll(cx);
+                    drop(cap);
+                    frame.limit_hit = state.limit_hit.get();
                     let ran = started.elapsed();
                     stats.running += ran;
                     if let Some(cpu_started) = cpu_started {
@@ -339,10 +368,9 @@ impl Instance {
         };
         let outcome = tokio::time::timeout(timeout + Duration::from_millis(1), fair_call).await;
         drop(seat);
-        self.last_call = stats;
+        self.last_call.set(stats);
         drop(watched);
-        drop(cap);
-        let limit_hit = self.state.limit_hit.get();
+        let limit_hit = frame.limit_hit;
         self.state.end();
         let result = match (outcome, limit_hit) {
             (_, Some(LimitHit::Timeout)) | (Err(_), _) => Err(CallError::Timeout),
@@ -352,10 +380,10 @@ impl Instance {
             (Ok(Ok(value)), None) => Ok(value),
             (Ok(Err(error)), None) => Err(classify(&error)),
         };
-        self.broken = matches!(
+        in_flight.completed(matches!(
             result,
             Err(CallError::Timeout | CallError::MemoryLimit | CallError::Blocking(_))
-        );
+        ));
         if let Err(error) = &result {
             (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
         }
@@ -369,13 +397,58 @@ impl Instance {
     }
 }
 
+/// Counts a call in its instance's calls in flight; a call dropped before it completed
+/// (abandoned mid-way) breaks the instance.
+struct InFlight<'a> {
+    instance: &'a Instance,
+    completed: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(instance: &'a Instance) -> InFlight<'a> {
+        instance
+            .calls_in_flight
+            .set(instance.calls_in_flight.get() + 1);
+        InFlight {
+            instance,
+            completed: false,
+        }
+    }
+
+    /// The call ended; `broke_a_limit`: the instance must not serve again.
+    fn completed(mut self, broke_a_limit: bool) {
+        self.completed = true;
+        if broke_a_limit {
+            self.instance.broken.set(true);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let calls = &self.instance.calls_in_flight;
+        calls.set(calls.get() - 1);
+        if !self.completed {
+            self.instance.broken.set(true);
+        }
+    }
+}
+
 /// One poll of a call: finished, or yielded at the end of a slice that ran this long.
 enum Step<T> {
     Done(T),
     Sliced(Duration),
 }
 
-/// `ctx`: built once per instance; `request_id` is set before each call.
+/// A shallow copy of `table`.
+fn copy_table(lua: &Lua, table: &Table) -> mlua::Result<Table> {
+    let copy = lua.create_table_with_capacity(0, 6)?;
+    table.for_each(|key: Value, value: Value| copy.raw_set(key, value))?;
+    Ok(copy)
+}
+
+/// `ctx`'s fields, built once per instance (the template of each call's `ctx`);
+/// `request_id` is set before each call.
 fn build_ctx(
     lua: &Lua,
     spec: &InstanceSpec,
@@ -426,8 +499,10 @@ mod tests {
     struct Lines(Mutex<Vec<String>>);
 
     impl LogSink for Lines {
-        fn log(&self, level: LogLevel, _request_id: &str, message: &str) {
-            self.0.lock().push(format!("{}: {message}", level.as_str()));
+        fn log(&self, level: LogLevel, request_id: &str, message: &str) {
+            self.0
+                .lock()
+                .push(format!("{} [{request_id}]: {message}", level.as_str()));
         }
     }
 
@@ -452,7 +527,7 @@ mod tests {
     }
 
     async fn run(source: &str) -> Result<serde_json::Value, CallError> {
-        let (mut instance, _) = instance_with(source, Limits::default()).await;
+        let (instance, _) = instance_with(source, Limits::default()).await;
         let out = instance.invoke_json(&serde_json::json!({}), "r1").await?;
         Ok(serde_json::from_slice(&out).unwrap())
     }
@@ -531,7 +606,7 @@ mod tests {
     async fn state_persists_within_an_instance_only() {
         let source =
             "counter = (counter or 0) return function() counter = counter + 1 return counter end";
-        let (mut first, _) = instance_with(source, Limits::default()).await;
+        let (first, _) = instance_with(source, Limits::default()).await;
         assert_eq!(
             first
                 .invoke_json(&serde_json::json!({}), "a")
@@ -546,7 +621,7 @@ mod tests {
                 .unwrap(),
             b"2"
         );
-        let (mut second, _) = instance_with(source, Limits::default()).await;
+        let (second, _) = instance_with(source, Limits::default()).await;
         assert_eq!(
             second
                 .invoke_json(&serde_json::json!({}), "c")
@@ -562,7 +637,7 @@ mod tests {
             timeout: Duration::from_millis(50),
             ..Limits::default()
         };
-        let (mut instance, lines) = instance_with(
+        let (instance, lines) = instance_with(
             "return function() while true do pcall(function() while true do end end) end end",
             limits,
         )
@@ -592,7 +667,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             ..Limits::default()
         };
-        let (mut capped, lines) = instance_with(BOMB, limits).await;
+        let (capped, lines) = instance_with(BOMB, limits).await;
         capped.set_blocking_cap(Some(Duration::from_millis(20)));
         let result = capped.invoke_json(&serde_json::json!({}), "r").await;
         assert_eq!(result, Err(CallError::Blocking(20)));
@@ -606,7 +681,7 @@ mod tests {
                 .any(|l| l.contains("without yielding"))
         );
 
-        let (mut uncapped, _) = instance_with(BOMB, limits).await;
+        let (uncapped, _) = instance_with(BOMB, limits).await;
         let result = uncapped.invoke_json(&serde_json::json!({}), "r").await;
         assert_eq!(result, Err(CallError::Timeout));
     }
@@ -615,7 +690,7 @@ mod tests {
     /// Its CPU time past the first slice is what marks a function long-running.
     #[tokio::test]
     async fn the_blocking_cap_spares_calls_that_yield() {
-        let (mut instance, _) = instance_with(
+        let (instance, _) = instance_with(
             "return function() local s = 0 for i = 1, 3e7 do s = s + i end return s end",
             Limits::default(),
         )
@@ -633,7 +708,7 @@ mod tests {
     /// can always `json.encode` its event (a fuzzing find).
     #[tokio::test]
     async fn non_utf8_header_values_become_latin1_text() {
-        let (mut instance, _) = instance_with(
+        let (instance, _) = instance_with(
             "local json = require('json')
              return function(event) return { statusCode = 200, body = json.encode(event.headers) } end",
             Limits::default(),
@@ -666,7 +741,7 @@ mod tests {
             memory_bytes: 4 << 20,
             ..Limits::default()
         };
-        let (mut instance, _) = instance_with(
+        let (instance, _) = instance_with(
             "return function() local t = {} for i = 1, 1e9 do t[i] = i end end",
             limits,
         )
@@ -678,7 +753,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_carry_a_traceback_to_the_log() {
-        let (mut instance, lines) = instance_with(
+        let (instance, lines) = instance_with(
             "local function deep() error('bad thing') end\nreturn function() deep() end",
             Limits::default(),
         )
@@ -688,6 +763,93 @@ mod tests {
         assert!(!instance.is_broken(), "a plain error keeps the instance");
         let log = lines.0.lock().join("\n");
         assert!(log.contains("main.lua:1"), "{log}");
+    }
+
+    /// Two calls on one instance interleave where they wait, each with its own `ctx` and
+    /// request id, sharing module-level state.
+    #[tokio::test]
+    async fn overlapping_calls_share_the_state_and_keep_their_own_ctx() {
+        let (instance, lines) = instance_with(
+            "local time = require('time')
+             local trace = {}
+             return function(event, ctx)
+               table.insert(trace, event.name .. '1')
+               time.sleep(event.ms)
+               ctx.log('done ' .. event.name)
+               table.insert(trace, event.name .. '2')
+               return { id = ctx.request_id, trace = table.concat(trace, ',') }
+             end",
+            Limits::default(),
+        )
+        .await;
+        let (event_a, event_b) = (
+            serde_json::json!({"name": "a", "ms": 10}),
+            serde_json::json!({"name": "b", "ms": 60}),
+        );
+        let (a, b) = tokio::join!(instance.invoke_json(&event_a, "req-a"), async {
+            tokio::task::yield_now().await;
+            assert_eq!(instance.calls_in_flight(), 1, "a is suspended in its sleep");
+            instance.invoke_json(&event_b, "req-b").await
+        });
+        let a: serde_json::Value = serde_json::from_slice(&a.unwrap()).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&b.unwrap()).unwrap();
+        assert_eq!(a, serde_json::json!({"id": "req-a", "trace": "a1,b1,a2"}));
+        assert_eq!(
+            b,
+            serde_json::json!({"id": "req-b", "trace": "a1,b1,a2,b2"})
+        );
+        assert_eq!(instance.calls_in_flight(), 0);
+        assert!(!instance.is_broken());
+        let log = lines.0.lock().clone();
+        assert_eq!(log, ["info [req-a]: done a", "info [req-b]: done b"]);
+    }
+
+    /// A call that runs out of time ends alone: the call it overlaps completes with its own
+    /// deadline; the instance is broken only for later calls.
+    #[tokio::test]
+    async fn a_timeout_ends_only_its_own_call() {
+        let limits = Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "local time = require('time')
+             return function(event, ctx)
+               if event.spin then while true do pcall(function() while true do end end) end end
+               time.sleep(20)
+               return ctx.request_id
+             end",
+            limits,
+        )
+        .await;
+        let (spin, sleep) = (serde_json::json!({"spin": true}), serde_json::json!({}));
+        let (spun, slept) = tokio::join!(
+            instance.invoke_json(&spin, "spin"),
+            instance.invoke_json(&sleep, "sleep"),
+        );
+        assert_eq!(spun, Err(CallError::Timeout));
+        assert_eq!(slept.unwrap(), b"\"sleep\"");
+        assert!(instance.is_broken());
+    }
+
+    /// A call abandoned mid-way (its client went away) breaks the instance: its coroutine
+    /// is left suspended.
+    #[tokio::test]
+    async fn an_abandoned_call_breaks_the_instance() {
+        let (instance, _) = instance_with(
+            "local time = require('time') return function() time.sleep(1000) end",
+            Limits::default(),
+        )
+        .await;
+        let event = serde_json::json!({});
+        let call = instance.invoke_json(&event, "r");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), call)
+                .await
+                .is_err()
+        );
+        assert_eq!(instance.calls_in_flight(), 0);
+        assert!(instance.is_broken());
     }
 
     #[tokio::test]

@@ -45,7 +45,17 @@ pub enum LimitHit {
     Blocking,
 }
 
-/// Per-instance call state shared with the interrupt and the log functions.
+/// One call's share of an instance's [`CallState`], loaded by [`CallState::enter`] before
+/// each resume and saved after it.
+#[derive(Debug)]
+pub(crate) struct CallFrame {
+    pub deadline_ms: u64,
+    pub request_id: Rc<str>,
+    pub limit_hit: Option<LimitHit>,
+}
+
+/// Per-instance call state shared with the interrupt and the log functions: the state of
+/// the call running now (see [`CallFrame`]).
 #[derive(Debug)]
 pub(crate) struct CallState {
     /// Coarse-clock millisecond at which the current call times out (`u64::MAX`: idle).
@@ -85,10 +95,19 @@ impl CallState {
             .expect("the interrupt switch is installed when the sandbox is built")
     }
 
-    pub fn begin(&self, request_id: &str, deadline_ms: u64) {
-        *self.request_id.borrow_mut() = Rc::from(request_id);
-        self.deadline_ms.set(deadline_ms);
-        self.limit_hit.set(None);
+    /// Makes `frame` the call in progress: before each resume of a call, so that calls
+    /// sharing the instance (coroutines) each keep their own deadline, broken limit and
+    /// request id. A call that broke a limit raises again at its first safepoint.
+    pub fn enter(&self, frame: &CallFrame) {
+        let mut request_id = self.request_id.borrow_mut();
+        if !Rc::ptr_eq(&request_id, &frame.request_id) {
+            *request_id = frame.request_id.clone();
+        }
+        self.deadline_ms.set(frame.deadline_ms);
+        self.limit_hit.set(frame.limit_hit);
+        if frame.limit_hit.is_some() {
+            self.switch().arm();
+        }
     }
 
     /// Starts a fresh timeslice at `now_ms` and tells the watchdog when to arm the

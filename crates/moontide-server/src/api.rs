@@ -54,6 +54,10 @@ pub enum SizeInput {
     Text(String),
 }
 
+/// Most calls one instance may serve at once: they share its memory cap, so more is
+/// rarely what a user means.
+pub const MAX_CONCURRENCY: u32 = 1_000;
+
 /// Function configuration as a client sends it; every field optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,7 +87,8 @@ pub struct FunctionConfig {
     pub max: u32,
     /// Idle grace: after this long without a call, the function scales down to `min`.
     pub idle_timeout_ms: u64,
-    /// Calls one instance serves at once (the autoscaler's target).
+    /// Calls one instance serves at once, as coroutines of its Lua state (the autoscaler's
+    /// target). They share the instance's memory cap and module-level state.
     #[serde(default = "defaults::concurrency")]
     pub concurrency: u32,
     /// Time constant of the slow average of observed concurrency: scaling down follows it.
@@ -262,13 +267,13 @@ impl FunctionConfigInput {
             ));
         }
         if let Some(concurrency) = self.concurrency {
-            // Calls sharing one instance's state as coroutines need per-call limits inside
-            // one Lua state; until the runtime has them, an instance serves one call.
-            if concurrency != 1 {
+            if concurrency == 0 || concurrency > MAX_CONCURRENCY {
                 errors.push(FieldError::new(
                     path("concurrency"),
-                    "only 1 is supported for now (calls sharing an instance as coroutines are not yet available)",
+                    format!("must be between 1 and {MAX_CONCURRENCY} calls per instance"),
                 ));
+            } else {
+                config.concurrency = concurrency;
             }
         }
         if let Some(rate) = self.max_scale_up_rate {

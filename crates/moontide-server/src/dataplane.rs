@@ -342,7 +342,7 @@ impl Worker {
         request: &OwnedRequest,
     ) -> Result<HttpResponse, ApiError> {
         let request_id = request.request_id.as_str();
-        let mut lease = self
+        let lease = self
             .pools
             .acquire(&self.engine, function)
             .await
@@ -444,7 +444,7 @@ impl Worker {
             .ok_or_else(|| ApiError::not_found("function", name))?;
         let started = Instant::now();
         function.metrics.invoke_requests.inc();
-        let mut lease = self
+        let lease = self
             .pools
             .acquire(&self.engine, &function)
             .await

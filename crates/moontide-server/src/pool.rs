@@ -17,6 +17,12 @@
 //! or starve for node budget, drop it so they may create one; else keep it idle. Broken
 //! instances (a limit was hit, or the call was abandoned midway) are always dropped.
 //!
+//! **Shares**: a function with `concurrency` c > 1 lends each instance to up to c calls at
+//! once (coroutines of one Lua state, see `moontide_runtime::Instance`). A lease is one
+//! share; an instance with free shares is *open* and is lent before an idle one is taken,
+//! so calls pack onto few instances; it becomes idle when its last share comes back. Counts
+//! (`busy`, `idle`, `live`, the budget) are of instances, the scaler's level of calls.
+//!
 //! **Tick** (every [`TICK`] on each worker, for functions with recent traffic): sample each
 //! function's [`Scaler`], publish desired/busy/idle, create instances up to the desired
 //! count (pre-warming), drop idle ones above it, and evict idle instances while calls
@@ -24,7 +30,7 @@
 //! functions without recent traffic — the idle grace and scale-to-`min` — and cleanup of
 //! retired versions.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -185,10 +191,37 @@ pub enum AcquireError {
     Init(InstanceError),
 }
 
-/// An instance with the bytes the node budget has it accounted at.
+/// An instance with the bytes the node budget has it accounted at, shared by the leases
+/// of the calls it serves (one for a function with `concurrency` 1).
 struct Warm {
     instance: Instance,
-    bytes: usize,
+    bytes: Cell<usize>,
+    /// Calls holding a share of it.
+    leases: Cell<u32>,
+    /// In its pool's open list (has callers and free shares).
+    open: Cell<bool>,
+}
+
+impl Warm {
+    fn new(instance: Instance, bytes: usize) -> Rc<Warm> {
+        Rc::new(Warm {
+            instance,
+            bytes: Cell::new(bytes),
+            leases: Cell::new(0),
+            open: Cell::new(false),
+        })
+    }
+}
+
+/// How an instance comes back to its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Returned {
+    /// A lease's call ended.
+    CallEnded,
+    /// A share handed to a waiter that had stopped listening: never used.
+    Unused,
+    /// A new instance, not lent yet (pre-warmed).
+    New,
 }
 
 /// Why a slot for a new instance was refused.
@@ -206,7 +239,7 @@ async fn cold_start(
     function: &Arc<DeployedFunction>,
     bytes: usize,
     why: ScaleUp,
-) -> Result<Warm, InstanceError> {
+) -> Result<Rc<Warm>, InstanceError> {
     let shared = &function.pool;
     function.metrics.instances.inc();
     // If the caller goes away mid-init (the client hung up), the slot comes back.
@@ -229,10 +262,7 @@ async fn cold_start(
             let measured = instance.used_memory();
             shared.budget.resize(bytes, measured);
             shared.instance_bytes.store(measured, Ordering::Relaxed);
-            Ok(Warm {
-                instance,
-                bytes: measured,
-            })
+            Ok(Warm::new(instance, measured))
         }
         Err(error) => {
             function.metrics.instances.dec();
@@ -266,14 +296,14 @@ impl Drop for Slot<'_> {
 /// another reason at the same moment, or its client went away) is not lost: dropping the
 /// place takes it out of the channel and gives its slots back.
 struct Waiting<'a> {
-    receiver: oneshot::Receiver<Warm>,
+    receiver: oneshot::Receiver<Rc<Warm>>,
     function: &'a Arc<DeployedFunction>,
     pools: &'a LocalPools,
 }
 
 impl Waiting<'_> {
     /// The instance handed over, if one was.
-    fn take(&mut self) -> Option<Warm> {
+    fn take(&mut self) -> Option<Rc<Warm>> {
         self.receiver.close();
         self.receiver.try_recv().ok()
     }
@@ -285,16 +315,18 @@ impl Drop for Waiting<'_> {
         self.function.metrics.queue_depth.dec();
         self.pools
             .with_pool(self.function, |pool| pool.waiting -= 1);
-        if let Some(warm) = self.take() {
-            drop_instance(self.function, warm, ScaleDown::Rebalance);
+        if let Some(share) = self.take() {
+            self.pools.release(self.function, share, Returned::Unused);
         }
     }
 }
 
-/// Drops an instance and gives back its slots.
-fn drop_instance(function: &DeployedFunction, warm: Warm, why: ScaleDown) {
-    drop(warm.instance);
-    function.pool.budget.release(warm.bytes);
+/// Drops an instance no call holds and gives back its slots.
+fn drop_instance(function: &DeployedFunction, warm: Rc<Warm>, why: ScaleDown) {
+    debug_assert_eq!(warm.leases.get(), 0, "dropping an instance in use");
+    let bytes = warm.bytes.get();
+    drop(warm);
+    function.pool.budget.release(bytes);
     function.metrics.instances.dec();
     function.metrics.scaled_down(why, 1);
     function.pool.unreserve();
@@ -311,13 +343,17 @@ struct Published {
 struct LocalPool {
     function: Arc<DeployedFunction>,
     policy: Policy,
-    /// Oldest first; calls take the most recently used (the end).
-    idle: Vec<(Warm, Instant)>,
-    waiters: VecDeque<oneshot::Sender<Warm>>,
+    /// Calls one instance serves at once.
+    concurrency: u32,
+    /// Instances no call holds, oldest first; calls take the most recently used (the end).
+    idle: Vec<(Rc<Warm>, Instant)>,
+    /// Instances with callers and free shares (only with `concurrency` > 1).
+    open: Vec<Rc<Warm>>,
+    waiters: VecDeque<oneshot::Sender<Rc<Warm>>>,
     /// Calls of this function waiting on this thread (some may be between wake-ups and
     /// out of `waiters`).
     waiting: usize,
-    /// Leases out on this thread.
+    /// Instances on this thread that calls hold.
     busy: usize,
     scaler: Scaler,
     desired: u32,
@@ -331,7 +367,9 @@ impl LocalPool {
         LocalPool {
             function: function.clone(),
             policy: Policy::of(&function.config),
+            concurrency: function.config.concurrency.max(1),
             idle: Vec::new(),
+            open: Vec::new(),
             waiters: VecDeque::new(),
             waiting: 0,
             busy: 0,
@@ -344,6 +382,71 @@ impl LocalPool {
 
     fn local_live(&self) -> usize {
         self.idle.len() + self.busy
+    }
+
+    /// Lends a share of an open instance, else of the most recently used idle one.
+    fn take_share(&mut self) -> Option<Rc<Warm>> {
+        let warm = match self.open.last() {
+            Some(open) => open.clone(),
+            None => self.idle.pop()?.0,
+        };
+        self.lend(&warm);
+        Some(warm)
+    }
+
+    /// Counts one more call on `warm` (the caller hands the share on).
+    fn lend(&mut self, warm: &Rc<Warm>) {
+        let leases = warm.leases.get() + 1;
+        warm.leases.set(leases);
+        if leases == 1 {
+            self.busy += 1;
+        }
+        self.set_open(warm, leases < self.concurrency);
+    }
+
+    /// Counts one call less on `warm`; `true` if none holds it any more.
+    fn unlend(&mut self, warm: &Rc<Warm>) -> bool {
+        let leases = warm.leases.get() - 1;
+        warm.leases.set(leases);
+        if leases == 0 {
+            self.busy -= 1;
+        }
+        let usable = !warm.instance.is_broken() && !self.function.pool.is_retired();
+        self.set_open(warm, usable && leases > 0);
+        leases == 0
+    }
+
+    fn set_open(&mut self, warm: &Rc<Warm>, open: bool) {
+        if warm.open.replace(open) == open {
+            return;
+        }
+        if open {
+            self.open.push(warm.clone());
+        } else if let Some(at) = self.open.iter().position(|o| Rc::ptr_eq(o, warm)) {
+            self.open.swap_remove(at);
+        }
+    }
+
+    /// Hands free shares of `warm` to this thread's waiters, oldest first. `true` if one
+    /// was handed.
+    fn serve_waiters(&mut self, warm: &Rc<Warm>) -> bool {
+        let mut served = false;
+        while warm.leases.get() < self.concurrency {
+            let Some(waiter) = self.waiters.pop_front() else {
+                break;
+            };
+            if waiter.is_closed() {
+                continue;
+            }
+            self.lend(warm);
+            // The receiver lives on this thread and was open just now: the send succeeds.
+            if let Err(share) = waiter.send(warm.clone()) {
+                self.unlend(&share);
+                continue;
+            }
+            served = true;
+        }
+        served
     }
 
     /// Samples the scaler and publishes what changed. Returns how many instances to
@@ -457,18 +560,18 @@ pub struct LocalPools {
     budget: Arc<NodeBudget>,
 }
 
-/// A leased instance; goes back to the pool when dropped.
+/// One call's share of an instance; goes back to the pool when dropped.
 pub struct Lease {
-    warm: Option<Warm>,
+    warm: Option<Rc<Warm>>,
     function: Arc<DeployedFunction>,
     pools: Rc<LocalPools>,
 }
 
 impl Lease {
-    pub fn instance(&mut self) -> &mut Instance {
-        &mut self
+    pub fn instance(&self) -> &Instance {
+        &self
             .warm
-            .as_mut()
+            .as_ref()
             .expect("a lease holds its instance until dropped")
             .instance
     }
@@ -477,7 +580,8 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(warm) = self.warm.take() {
-            self.pools.release(&self.function, warm, true);
+            self.pools
+                .release(&self.function, warm, Returned::CallEnded);
         }
     }
 }
@@ -530,12 +634,11 @@ impl LocalPools {
         function: &Arc<DeployedFunction>,
     ) -> Result<Lease, AcquireError> {
         let now = Instant::now();
-        // The common case in one lookup: count the call, take an idle instance.
-        let (start_tick, idle) = self.with_pool(function, |pool| {
+        // The common case in one lookup: count the call, take a share of a warm instance.
+        let (start_tick, share) = self.with_pool(function, |pool| {
             pool.scaler.call_started(now);
-            let idle = pool.idle.pop().map(|(warm, _)| warm);
-            pool.busy += usize::from(idle.is_some());
-            (!std::mem::replace(&mut pool.ticking, true), idle)
+            let share = pool.take_share();
+            (!std::mem::replace(&mut pool.ticking, true), share)
         });
         if start_tick {
             self.ticking.borrow_mut().push(function.id);
@@ -545,25 +648,26 @@ impl LocalPools {
             function: function.clone(),
             pools: self.clone(),
         };
-        if let Some(warm) = idle {
-            return Ok(lease(warm));
+        if let Some(share) = share {
+            return Ok(lease(share));
         }
         let demand = Demand {
             pools: self,
             function,
         };
-        let warm = self.acquire_warm(engine, function, now).await?;
+        let share = self.acquire_share(engine, function, now).await?;
         demand.served();
-        self.with_pool(function, |pool| pool.busy += 1);
-        Ok(lease(warm))
+        Ok(lease(share))
     }
 
-    async fn acquire_warm(
+    /// A share of an instance for a call that found none free: a share freed meanwhile, a
+    /// new instance, or one handed over in the queue.
+    async fn acquire_share(
         &self,
         engine: &Engine,
         function: &Arc<DeployedFunction>,
         started: Instant,
-    ) -> Result<Warm, AcquireError> {
+    ) -> Result<Rc<Warm>, AcquireError> {
         let shared = &function.pool;
         let config = &function.config;
         let deadline = tokio::time::Instant::from_std(started)
@@ -578,16 +682,22 @@ impl LocalPools {
             }
         };
         loop {
-            if let Some((warm, _)) = self.with_pool(function, |pool| pool.idle.pop()) {
+            if let Some(share) = self.with_pool(function, LocalPool::take_share) {
                 observe_wait(waited);
-                return Ok(warm);
+                return Ok(share);
             }
             let refused = match self.reserve(function, true) {
                 Ok(bytes) => {
                     observe_wait(waited);
-                    return cold_start(engine, function, bytes, ScaleUp::Demand)
+                    let warm = cold_start(engine, function, bytes, ScaleUp::Demand)
                         .await
-                        .map_err(AcquireError::Init);
+                        .map_err(AcquireError::Init)?;
+                    // The new instance's other shares go to calls queued here meanwhile.
+                    self.with_pool(function, |pool| {
+                        pool.lend(&warm);
+                        pool.serve_waiters(&warm);
+                    });
+                    return Ok(warm);
                 }
                 Err(refused) => refused,
             };
@@ -637,9 +747,9 @@ impl LocalPools {
             };
             drop(place);
             match outcome {
-                Ok(Some(warm)) => {
+                Ok(Some(share)) => {
                     observe_wait(true);
-                    return Ok(warm);
+                    return Ok(share);
                 }
                 Ok(None) => {}
                 Err(()) => {
@@ -716,9 +826,10 @@ impl LocalPools {
         true
     }
 
-    /// Takes back an instance no call holds: to a waiter, to the node, or to the idle list.
-    /// `call_ended`: it comes from a lease, whose call is now over.
-    fn release(&self, function: &Arc<DeployedFunction>, warm: Warm, call_ended: bool) {
+    /// Takes back a share of an instance: to a waiter; when no call holds the instance any
+    /// more, to the node (if calls wait elsewhere) or to the idle list; broken or retired
+    /// instances are dropped when their last call ends.
+    fn release(&self, function: &Arc<DeployedFunction>, warm: Rc<Warm>, returned: Returned) {
         let shared = &function.pool;
         let unusable = if warm.instance.is_broken() {
             Some(ScaleDown::Broken)
@@ -727,29 +838,26 @@ impl LocalPools {
         } else {
             None
         };
-        let mut warm = warm;
         if unusable.is_none() {
             // Re-account the heap only when it moved by a page or more: the node-wide
             // counters are shared by every worker, and most calls leave a little garbage.
             let measured = warm.instance.used_memory();
-            if measured.abs_diff(warm.bytes) >= RESIZE_STEP {
-                shared.budget.resize(warm.bytes, measured);
-                warm.bytes = measured;
+            let bytes = warm.bytes.get();
+            if measured.abs_diff(bytes) >= RESIZE_STEP {
+                shared.budget.resize(bytes, measured);
+                warm.bytes.set(measured);
             }
         }
         let dropped = self.with_pool(function, |pool| {
-            if call_ended {
-                pool.busy = pool.busy.saturating_sub(1);
+            if returned == Returned::CallEnded {
                 pool.scaler.call_ended();
             }
+            let unheld = returned == Returned::New || pool.unlend(&warm);
             if let Some(why) = unusable {
-                return Some((warm, why));
+                return unheld.then_some((warm, why));
             }
-            while let Some(waiter) = pool.waiters.pop_front() {
-                match waiter.send(warm) {
-                    Ok(()) => return None,
-                    Err(returned) => warm = returned,
-                }
+            if pool.serve_waiters(&warm) || !unheld {
+                return None;
             }
             let waiting_elsewhere = shared.waiting.load(Ordering::Acquire) > pool.waiting;
             if waiting_elsewhere || shared.budget.starving() > 0 {
@@ -821,7 +929,7 @@ impl LocalPools {
                 return;
             };
             match cold_start(engine, function, bytes, why).await {
-                Ok(warm) => self.release(function, warm, false),
+                Ok(warm) => self.release(function, warm, Returned::New),
                 Err(error) => {
                     function.metrics.error(error.kind());
                     tracing::warn!(function = %function.name, %error, "pre-warming an instance failed");

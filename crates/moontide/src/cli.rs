@@ -42,7 +42,8 @@ pub struct Cli {
 /// The autoscaler's knobs of `deploy` (see DESIGN.md §2 and `moontide_server::autoscale`).
 #[derive(Debug, clap::Args)]
 struct ScalingArgs {
-    /// Calls one instance serves at once (the autoscaler's target).
+    /// Calls one instance serves at once, as coroutines sharing its state and memory cap
+    /// (the autoscaler's target; 1 to 1000, default 1).
     #[arg(long)]
     concurrency: Option<u32>,
     /// Idle grace: without calls this long, scale down to --min (e.g. 60s).

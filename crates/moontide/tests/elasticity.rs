@@ -343,6 +343,77 @@ async fn a_full_node_evicts_idle_instances_of_cold_functions_before_refusing() {
     assert!(retry_after.is_some());
 }
 
+/// Records the peak of calls running at once in the instance (module-level state).
+const PEAK_TRACKER: &str = r#"
+local time = require("time")
+local running, peak = 0, 0
+return function(event)
+    running = running + 1
+    if running > peak then peak = running end
+    time.sleep(tonumber((event.queryStringParameters or {}).ms) or 100)
+    running = running - 1
+    return { peak = peak }
+end
+"#;
+
+/// With `concurrency` 4, one instance serves four calls at once (coroutines of one state);
+/// the fifth waits for a free share rather than a new instance. On a node with two
+/// workers, calls spread over both threads share and hand back instances without leaking.
+#[tokio::test]
+async fn calls_share_an_instance_up_to_its_concurrency() {
+    let node = Node::start_with(&["--workers", "1"]);
+    node.deploy(
+        "shared",
+        PEAK_TRACKER,
+        json!({"concurrency": 4, "max": 1, "queue_timeout": "5s"}),
+    )
+    .await;
+    let answers = burst(&node, "/fn/shared?ms=200", 10).await;
+    assert!(
+        answers.iter().all(|(status, ..)| *status == 200),
+        "{answers:?}"
+    );
+    let peak = answers
+        .iter()
+        .map(|(_, body, _)| body["peak"].as_u64().expect("peak"))
+        .max();
+    assert_eq!(peak, Some(4), "{answers:?}");
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"moontide_cold_starts_total{function="shared"}"#),
+        1.0,
+        "one instance served all ten calls:\n{metrics}"
+    );
+
+    let node = Node::start();
+    node.deploy(
+        "spread",
+        PEAK_TRACKER,
+        json!({"concurrency": 3, "max": 2, "queue_timeout": "5s", "idle_timeout": "200ms",
+               "stable_window": "100ms", "panic_window": "20ms"}),
+    )
+    .await;
+    let answers = burst(&node, "/fn/spread?ms=50", 24).await;
+    assert!(
+        answers.iter().all(|(status, ..)| *status == 200),
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(_, body, _)| body["peak"].as_u64().is_some_and(|peak| peak <= 3)),
+        "no instance ran more than 3 calls at once: {answers:?}"
+    );
+    let settled = wait_for_metric(&node, r#"moontide_instances{function="spread"}"#, |v| {
+        v == 0.0
+    })
+    .await;
+    for gauge in ["instances_busy", "instances_idle", "queue_depth"] {
+        let series = format!(r#"moontide_{gauge}{{function="spread"}}"#);
+        assert_eq!(metric(&settled, &series), 0.0, "{series}:\n{settled}");
+    }
+}
+
 #[tokio::test]
 async fn info_shows_the_policy_and_the_pool() {
     let node = Node::start();
