@@ -31,6 +31,7 @@
 #   CONSTANT_RATE=1000 CONSTANT_DURATION=10s
 #   MAX_INSTANCES=500    the function's `max`
 #   IDLE_TIMEOUT=5s      the function's idle grace (the default 60 s outlasts the runs)
+#   EXTRA_CONFIG='{}'    more config fields as JSON, e.g. '{"stable_window": "2s"}'
 #   TIMEOUT=5s           per-request timeout of the load tool (a timeout is an error)
 #   TAIL=5s              keep watching the node this long after the load's end
 #   MAX_CONNECTIONS=2000 the load tool's connection cap
@@ -57,6 +58,7 @@ RAMP_BASE=${RAMP_BASE:-100}; RAMP_PEAK=${RAMP_PEAK:-3000}; RAMP_DURATION=${RAMP_
 CONSTANT_RATE=${CONSTANT_RATE:-1000}; CONSTANT_DURATION=${CONSTANT_DURATION:-10s}
 MAX_INSTANCES=${MAX_INSTANCES:-500}
 IDLE_TIMEOUT=${IDLE_TIMEOUT:-5s}
+EXTRA_CONFIG=${EXTRA_CONFIG:-'{}'}
 TIMEOUT=${TIMEOUT:-5s}
 TAIL=${TAIL:-5s}
 MAX_CONNECTIONS=${MAX_CONNECTIONS:-2000}
@@ -168,7 +170,8 @@ start_server() {
     local token body code
     token=$(cat "$SERVER_DIR/data/admin.token") || die 2 "no admin token in $SERVER_DIR/data"
     body=$(jq -n --rawfile src "$FUNCTION_FILE" --argjson max "$MAX_INSTANCES" \
-        --arg idle "$IDLE_TIMEOUT" '{source: $src, config: {max: $max, idle_timeout: $idle}}')
+        --arg idle "$IDLE_TIMEOUT" --argjson extra "$EXTRA_CONFIG" \
+        '{source: $src, config: ({max: $max, idle_timeout: $idle} + $extra)}')
     code=$(curl -sS -o "$SERVER_DIR/deploy.json" -w '%{http_code}' -m 10 -X PUT \
         -H "Authorization: Bearer $token" -H 'content-type: application/json' \
         --data-binary "$body" "http://$HOST:$MT_ADMIN_PORT/v1/functions/$FUNCTION") ||
@@ -220,7 +223,7 @@ for pattern in $PATTERNS; do
         --service-time 20ms --target-concurrency 1 --out "$out")
     {
         echo "command: ${cmd[*]}"
-        echo "node: taskset -c 0 moontide serve --workers 1; function $FUNCTION (bench/functions/$FUNCTION.lua), config {\"max\": $MAX_INSTANCES, \"idle_timeout\": \"$IDLE_TIMEOUT\"}"
+        echo "node: taskset -c 0 moontide serve --workers 1; function $FUNCTION (bench/functions/$FUNCTION.lua), config {\"max\": $MAX_INSTANCES, \"idle_timeout\": \"$IDLE_TIMEOUT\"} + $EXTRA_CONFIG"
         echo "machine: $MACHINE"
         echo "versions: $MT_VER, git $GIT$GIT_DIRTY"
         echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

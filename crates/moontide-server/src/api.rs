@@ -120,7 +120,7 @@ mod defaults {
         1
     }
     pub fn stable_window_ms() -> u64 {
-        1_000
+        500
     }
     pub fn panic_window_ms() -> u64 {
         100
