@@ -390,7 +390,7 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
 }
 
 /// `1500` ms as `1.5s`, `250` ms as `250ms`: for error messages.
-fn show_duration(duration: Duration) -> String {
+pub fn show_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
     if ms < 1000 || !ms.is_multiple_of(1000) {
         format!("{ms}ms")
