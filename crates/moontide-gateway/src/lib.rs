@@ -5,3 +5,5 @@
 //! crate answers questions about them.
 
 #![forbid(unsafe_code)]
+
+pub mod balance;
