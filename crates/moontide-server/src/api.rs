@@ -222,19 +222,7 @@ impl FunctionConfigInput {
                                input: &Option<DurationInput>,
                                range: (Duration, Duration),
                                target: &mut u64| {
-            let Some(input) = input else { return };
-            match parse_duration(input) {
-                Ok(d) if d < range.0 || d > range.1 => errors.push(FieldError::new(
-                    path(field),
-                    format!(
-                        "must be between {} and {}",
-                        show_duration(range.0),
-                        show_duration(range.1)
-                    ),
-                )),
-                Ok(d) => *target = d.as_millis() as u64,
-                Err(message) => errors.push(FieldError::new(path(field), message)),
-            }
+            duration_field(input, &path(field), range, target, errors);
         };
         duration_in(
             "idle_timeout",
@@ -390,7 +378,31 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
 }
 
 /// `1500` ms as `1.5s`, `250` ms as `250ms`: for error messages.
-pub fn show_duration(duration: Duration) -> String {
+/// Validates an optional duration field into whole milliseconds within `range`; an
+/// absent field leaves `target` at its default.
+pub fn duration_field(
+    input: &Option<DurationInput>,
+    path: &str,
+    range: (Duration, Duration),
+    target: &mut u64,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(input) = input else { return };
+    match parse_duration(input) {
+        Ok(d) if d < range.0 || d > range.1 => errors.push(FieldError::new(
+            path,
+            format!(
+                "must be between {} and {}",
+                show_duration(range.0),
+                show_duration(range.1)
+            ),
+        )),
+        Ok(d) => *target = d.as_millis() as u64,
+        Err(message) => errors.push(FieldError::new(path, message)),
+    }
+}
+
+fn show_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
     if ms < 1000 || !ms.is_multiple_of(1000) {
         format!("{ms}ms")

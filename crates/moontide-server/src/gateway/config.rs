@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{DurationInput, FieldError, parse_duration, show_duration};
+use crate::api::{DurationInput, FieldError, duration_field};
 
 /// How an upstream picks a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,28 +375,6 @@ fn resolve_hash_on(input: &HashOnInput, errors: &mut Vec<FieldError>) -> Option<
             errors.push(FieldError::new("hash_on", "give only one key source"));
             None
         }
-    }
-}
-
-fn duration_field(
-    input: &Option<DurationInput>,
-    path: &str,
-    range: (Duration, Duration),
-    target: &mut u64,
-    errors: &mut Vec<FieldError>,
-) {
-    let Some(input) = input else { return };
-    match parse_duration(input) {
-        Ok(d) if d < range.0 || d > range.1 => errors.push(FieldError::new(
-            path,
-            format!(
-                "must be between {} and {}",
-                show_duration(range.0),
-                show_duration(range.1)
-            ),
-        )),
-        Ok(d) => *target = d.as_millis() as u64,
-        Err(message) => errors.push(FieldError::new(path, message)),
     }
 }
 
