@@ -404,14 +404,14 @@ impl LocalPool {
         self.set_open(warm, leases < self.concurrency);
     }
 
-    /// Counts one call less on `warm`; `true` if none holds it any more.
-    fn unlend(&mut self, warm: &Rc<Warm>) -> bool {
+    /// Counts one call less on `warm`; `true` if none holds it any more. A `usable`
+    /// instance with calls left stays open to more.
+    fn unlend(&mut self, warm: &Rc<Warm>, usable: bool) -> bool {
         let leases = warm.leases.get() - 1;
         warm.leases.set(leases);
         if leases == 0 {
             self.busy -= 1;
         }
-        let usable = !warm.instance.is_broken() && !self.function.pool.is_retired();
         self.set_open(warm, usable && leases > 0);
         leases == 0
     }
@@ -441,7 +441,7 @@ impl LocalPool {
             self.lend(warm);
             // The receiver lives on this thread and was open just now: the send succeeds.
             if let Err(share) = waiter.send(warm.clone()) {
-                self.unlend(&share);
+                self.unlend(&share, true);
                 continue;
             }
             served = true;
@@ -852,7 +852,7 @@ impl LocalPools {
             if returned == Returned::CallEnded {
                 pool.scaler.call_ended();
             }
-            let unheld = returned == Returned::New || pool.unlend(&warm);
+            let unheld = returned == Returned::New || pool.unlend(&warm, unusable.is_none());
             if let Some(why) = unusable {
                 return unheld.then_some((warm, why));
             }
