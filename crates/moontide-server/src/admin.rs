@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::api::{DeployRequest, FieldError, RollbackRequest, validate_function_name};
 use crate::errors::ApiError;
+use crate::gateway::admin as gateway;
 use crate::records::{self, FunctionRecord, VersionRecord};
 use crate::registry::Registry;
 use crate::worker::{Job, Workers};
@@ -46,12 +47,20 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/functions/{name}/rollback"),
     ("POST", "/v1/functions/{name}/invoke"),
     ("GET", "/v1/functions/{name}/logs"),
+    ("GET", "/v1/upstreams"),
+    ("GET", "/v1/upstreams/{name}"),
+    ("PUT", "/v1/upstreams/{name}"),
+    ("DELETE", "/v1/upstreams/{name}"),
+    ("GET", "/v1/routes"),
+    ("GET", "/v1/routes/{name}"),
+    ("PUT", "/v1/routes/{name}"),
+    ("DELETE", "/v1/routes/{name}"),
 ];
 
 /// Largest admin request body (a bundle is at most 8 MiB of source, JSON-escaped).
 const MAX_ADMIN_BODY: usize = 24 << 20;
 /// How long a write waits for the data plane to serve it before answering anyway.
-const SERVE_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const SERVE_WAIT: Duration = Duration::from_secs(5);
 
 /// What the admin handlers share.
 pub struct AdminState {
@@ -77,6 +86,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
+        .route("/v1/upstreams", get(gateway::list_upstreams))
+        .route(
+            "/v1/upstreams/{name}",
+            get(gateway::get_upstream)
+                .put(gateway::put_upstream)
+                .delete(gateway::delete_upstream),
+        )
+        .route("/v1/routes", get(gateway::list_routes))
+        .route(
+            "/v1/routes/{name}",
+            get(gateway::get_route)
+                .put(gateway::put_route)
+                .delete(gateway::delete_route),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -168,7 +191,7 @@ async fn openapi() -> Response {
 }
 
 /// Parses a JSON body, naming the offending field's path on error.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid(vec![FieldError::new(
             "",
@@ -195,7 +218,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
         .map_err(|message| ApiError::invalid(vec![FieldError::new("name", message)]))
 }
 
-fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
     (status, axum::Json(value)).into_response()
 }
 

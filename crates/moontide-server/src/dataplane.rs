@@ -15,6 +15,7 @@
 //! `table.sort`. A call still running inline is capped at [`INLINE_BLOCKING_CAP`] without
 //! yielding; past that it ends (`503`, kind `blocking`) and its function is marked.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,17 +26,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::{ArcSwap, Cache};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, InstanceError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::errors::ApiError;
+use crate::gateway::config::RouteTarget;
+use crate::gateway::proxy::{Downstream, LocalUpstreams};
 use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
 use crate::registry::{DeployedFunction, Registry, Snapshot};
 use crate::worker::{InvokeOutput, Job};
+
+/// A response body: a function's (whole) or an upstream's (streamed).
+pub type ResponseBody = Either<Full<Bytes>, Incoming>;
 
 static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -67,9 +73,12 @@ pub struct OwnedRequest {
     source_ip: Arc<str>,
     request_id: String,
     request_time_epoch_ms: u64,
-    resource: &'static str,
+    resource: Cow<'static, str>,
     /// Where the `proxy` path parameter starts in the path.
     proxy_at: usize,
+    /// Path parameters a gateway route captured (`:id`, a named rest); when empty, the
+    /// `proxy` parameter is the rest of the path.
+    params: Vec<(String, String)>,
     protocol: &'static str,
 }
 
@@ -90,8 +99,8 @@ impl OwnedRequest {
             source_ip: &self.source_ip,
             request_id: &self.request_id,
             request_time_epoch_ms: self.request_time_epoch_ms,
-            resource: self.resource,
-            path_parameters: if self.proxy().is_empty() {
+            resource: &self.resource,
+            path_parameters: if self.proxy().is_empty() && self.params.is_empty() {
                 &[]
             } else {
                 parameters
@@ -100,8 +109,15 @@ impl OwnedRequest {
         }
     }
 
-    fn path_parameters(&self) -> [(&'static str, &str); 1] {
-        [("proxy", self.proxy())]
+    fn path_parameters(&self) -> Vec<(&str, &str)> {
+        if self.params.is_empty() {
+            vec![("proxy", self.proxy())]
+        } else {
+            self.params
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect()
+        }
     }
 }
 
@@ -111,6 +127,8 @@ pub struct Worker {
     registry: Arc<Registry>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub pools: Rc<LocalPools>,
+    /// This thread's upstream clients and balancer state.
+    upstreams: LocalUpstreams,
     max_body_bytes: usize,
     id_prefix: u64,
     id_counter: Cell<u64>,
@@ -146,6 +164,7 @@ impl Worker {
         builder.http2().timer(TokioTimer::new());
         Worker {
             pools: Rc::new(LocalPools::new(registry.budget.clone())),
+            upstreams: LocalUpstreams::default(),
             snapshot: RefCell::new(Cache::new(registry.cell())),
             engine,
             registry,
@@ -224,49 +243,171 @@ impl Worker {
         self: Rc<Self>,
         request: Request<Incoming>,
         peer_ip: Arc<str>,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<ResponseBody> {
         match request.uri().path() {
-            "/healthz" => return plain(StatusCode::OK, "ok\n"),
-            "/readyz" if self.registry.is_ready() => return plain(StatusCode::OK, "ready\n"),
-            "/readyz" => return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/healthz" => return plain(StatusCode::OK, "ok\n").map(Either::Left),
+            "/readyz" if self.registry.is_ready() => {
+                return plain(StatusCode::OK, "ready\n").map(Either::Left);
+            }
+            "/readyz" => {
+                return plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n").map(Either::Left);
+            }
             _ => {}
         }
         let request_id = self.request_id(request.headers().get(&REQUEST_ID));
         // The header is made first so that the id itself can move into the call.
         let id_header = HeaderValue::from_str(&request_id).ok();
-        let mut response = self.call_function(request, &peer_ip, request_id).await;
+        let mut response = self.serve(request, &peer_ip, request_id).await;
         if let Some(value) = id_header {
             response.headers_mut().insert(REQUEST_ID.clone(), value);
         }
         response
     }
 
-    async fn call_function(
+    /// Routes a request: `/fn/{name}`, then the gateway's routes, then functions' own
+    /// `route` prefixes.
+    async fn serve(
         &self,
         request: Request<Incoming>,
         source_ip: &Arc<str>,
         request_id: String,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<ResponseBody> {
         let (parts, body) = request.into_parts();
         let path = parts.uri.path();
+        if !path.starts_with("/fn/") {
+            let snapshot = self.snapshot.borrow_mut().load().clone();
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+            let routed = snapshot
+                .gateway
+                .router
+                .find(&moontide_gateway::router::Request {
+                    host,
+                    method: &parts.method,
+                    path,
+                    query: parts.uri.query(),
+                    headers: &parts.headers,
+                });
+            if let Some(found) = routed {
+                let route = found.value.clone();
+                let params: Vec<(String, String)> = found
+                    .params
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.clone()))
+                    .collect();
+                let pattern = found.pattern.to_string();
+                let rest_len = found.rest.len();
+                return match &route.target {
+                    RouteTarget::Upstream(name) => {
+                        let Some(upstream) = snapshot.gateway.upstreams.get(name.as_str()).cloned()
+                        else {
+                            return ApiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "no_upstream",
+                                format!(
+                                    "route {} targets upstream {name}, which is gone",
+                                    route.name
+                                ),
+                            )
+                            .to_response()
+                            .map(Either::Left);
+                        };
+                        self.proxy(&upstream, parts, body, source_ip).await
+                    }
+                    RouteTarget::Function(name) => {
+                        let Some(function) = snapshot.functions.get(name.as_str()).cloned() else {
+                            return ApiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                "no_function",
+                                format!(
+                                    "route {} targets function {name}, which is not deployed",
+                                    route.name
+                                ),
+                            )
+                            .to_response()
+                            .map(Either::Left);
+                        };
+                        let proxy_at = path.len() - rest_len;
+                        self.call_function(
+                            function,
+                            Cow::Owned(pattern),
+                            proxy_at,
+                            params,
+                            parts,
+                            body,
+                            source_ip,
+                            request_id,
+                        )
+                        .await
+                        .map(Either::Left)
+                    }
+                };
+            }
+        }
         let Some((function, resource, proxy)) = self.resolve(path) else {
             return ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no function serves {path}"),
+                format!("no function or route serves {path}"),
             )
-            .to_response();
+            .to_response()
+            .map(Either::Left);
         };
         let proxy_at = path.len() - proxy.len();
-        let started = Instant::now();
-        function.metrics.http_requests.inc();
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
+        self.call_function(
+            function,
+            Cow::Borrowed(resource),
+            proxy_at,
+            Vec::new(),
+            parts,
+            body,
+            source_ip,
+            request_id,
+        )
+        .await
+        .map(Either::Left)
+    }
+
+    /// Forwards a request to an upstream (see `gateway::proxy`).
+    async fn proxy(
+        &self,
+        upstream: &crate::gateway::proxy::Upstream,
+        parts: http::request::Parts,
+        body: Incoming,
+        source_ip: &Arc<str>,
+    ) -> Response<ResponseBody> {
+        let body = match self.read_body(body).await {
+            Ok(body) => body,
+            Err(response) => return response.map(Either::Left),
+        };
+        let downstream = Downstream {
+            client_ip: source_ip,
+            scheme: "http",
+        };
+        match self
+            .upstreams
+            .forward(upstream, &parts, body, &downstream)
+            .await
+        {
+            Ok(response) => response.map(Either::Right),
+            Err(error) => ApiError::new(error.status(), "upstream", error.message())
+                .to_response()
+                .map(Either::Left),
+        }
+    }
+
+    /// The request body, whole, within the size limit; or the error response.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Full<Bytes>>> {
+        match Limited::new(body, self.max_body_bytes).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
             Err(error) => {
                 let too_large = error
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some();
-                return if too_large {
+                Err(if too_large {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "body_too_large",
@@ -280,8 +421,28 @@ impl Worker {
                         "could not read the request body",
                     )
                     .to_response()
-                };
+                })
             }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_function(
+        &self,
+        function: Arc<DeployedFunction>,
+        resource: Cow<'static, str>,
+        proxy_at: usize,
+        params: Vec<(String, String)>,
+        parts: http::request::Parts,
+        body: Incoming,
+        source_ip: &Arc<str>,
+        request_id: String,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        function.metrics.http_requests.inc();
+        let body = match self.read_body(body).await {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         let request = OwnedRequest {
             method: parts.method,
@@ -296,6 +457,7 @@ impl Worker {
                 .unwrap_or(0),
             resource,
             proxy_at,
+            params,
             protocol: match parts.version {
                 http::Version::HTTP_2 => "HTTP/2.0",
                 http::Version::HTTP_10 => "HTTP/1.0",

@@ -1,4 +1,5 @@
-//! How functions are laid out in the config store: keys and the JSON records under them.
+//! How functions and gateway objects are laid out in the config store: keys and the JSON
+//! records under them.
 //!
 //! - `f/head/{name}` → [`FunctionRecord`]: which version serves, the latest version number.
 //! - `f/ver/{name}/{version:010}` → [`VersionRecord`]: the immutable source and config of
@@ -17,6 +18,20 @@ use crate::api::FunctionConfig;
 pub const ROOT: &str = "f/";
 pub const HEAD_PREFIX: &str = "f/head/";
 pub const VERSION_PREFIX: &str = "f/ver/";
+
+/// Gateway objects: `g/upstreams/{name}` → `UpstreamConfig`, `g/routes/{name}` →
+/// `RouteConfig` (JSON; see `gateway::config`).
+pub const GATEWAY_ROOT: &str = "g/";
+pub const UPSTREAM_PREFIX: &str = "g/upstreams/";
+pub const ROUTE_PREFIX: &str = "g/routes/";
+
+pub fn upstream_key(name: &str) -> String {
+    format!("{UPSTREAM_PREFIX}{name}")
+}
+
+pub fn route_key(name: &str) -> String {
+    format!("{ROUTE_PREFIX}{name}")
+}
 
 /// How many versions of a function are kept for rollback (the active one always is).
 pub const VERSION_RETENTION: usize = 20;

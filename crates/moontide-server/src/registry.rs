@@ -18,11 +18,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use moontide_runtime::InstanceSpec;
 use moontide_runtime::{CompiledFunction, FunctionSource, compile};
-use moontide_store::{Revision, Store, StoreError};
+use moontide_store::{Revision, Store, StoreError, WatchEvent};
 use tokio::sync::watch;
 
 use crate::api::FunctionConfig;
 use crate::budget::NodeBudget;
+use crate::gateway::Gateway;
+use crate::gateway::config::{RouteConfig, UpstreamConfig};
 use crate::logs::{LogHub, VersionLogSink};
 use crate::metrics::{FunctionMetrics, Metrics};
 use crate::pool::PoolShared;
@@ -66,6 +68,8 @@ pub struct Snapshot {
     pub functions: HashMap<Arc<str>, Arc<DeployedFunction>>,
     /// `(path prefix, function)`, longest prefix first.
     pub routes: Vec<(String, Arc<DeployedFunction>)>,
+    /// Routes and upstreams (`/v1/routes`, `/v1/upstreams`).
+    pub gateway: Gateway,
 }
 
 impl Snapshot {
@@ -294,13 +298,21 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             functions.insert(deployed.name.clone(), deployed);
         }
     }
+    let mut gateway = Gateway::default();
+    let (upstreams, _) = store.range(records::UPSTREAM_PREFIX).await?;
+    let (routes, _) = store.range(records::ROUTE_PREFIX).await?;
+    for kv in upstreams.iter().chain(&routes) {
+        apply_gateway_change(&mut gateway, &kv.key, Some(&kv.value));
+    }
     registry.publish(with_routes(Snapshot {
         revision,
         functions,
         routes: Vec::new(),
+        gateway,
     }));
 
-    let mut watch = store.watch(records::ROOT, revision).await?;
+    // Everything under the root: functions (`f/`) and gateway objects (`g/`).
+    let mut watch = store.watch("", revision).await?;
     while let Some(batch) = watch.next().await? {
         let Some(revision) = batch.iter().map(|e| e.revision()).max() else {
             continue;
@@ -310,6 +322,14 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             .filter_map(|event| name_of_key(event.key()).map(str::to_string))
             .collect();
         let current = registry.snapshot();
+        let mut gateway = current.gateway.clone();
+        for event in &batch {
+            let value = match event {
+                WatchEvent::Put(kv) => Some(kv.value.as_slice()),
+                WatchEvent::Delete { .. } => None,
+            };
+            apply_gateway_change(&mut gateway, event.key(), value);
+        }
         let mut functions = current.functions.clone();
         for name in names {
             match load_function(registry, store, &name, current.functions.get(name.as_str()))
@@ -330,9 +350,33 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             revision,
             functions,
             routes: Vec::new(),
+            gateway,
         }));
     }
     Ok(())
+}
+
+/// Applies one stored gateway object (`None`: deleted) to `gateway`; other keys are ignored.
+fn apply_gateway_change(gateway: &mut Gateway, key: &str, value: Option<&[u8]>) {
+    if let Some(name) = key.strip_prefix(records::UPSTREAM_PREFIX) {
+        let config = value.and_then(|bytes| {
+            serde_json::from_slice::<UpstreamConfig>(bytes)
+                .inspect_err(|error| {
+                    tracing::error!(upstream = name, %error, "unreadable upstream; removed")
+                })
+                .ok()
+        });
+        gateway.set_upstream(name, config);
+    } else if let Some(name) = key.strip_prefix(records::ROUTE_PREFIX) {
+        let config = value.and_then(|bytes| {
+            serde_json::from_slice::<RouteConfig>(bytes)
+                .inspect_err(
+                    |error| tracing::error!(route = name, %error, "unreadable route; removed"),
+                )
+                .ok()
+        });
+        gateway.set_route(name, config);
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,13 @@ pub struct UpstreamConfig {
     pub pass_host: PassHost,
 }
 
+impl UpstreamConfig {
+    /// The per-node settings (health, breaker) the balancer applies to every node.
+    pub fn node_config(&self) -> moontide_gateway::balance::NodeConfig {
+        moontide_gateway::balance::NodeConfig::default()
+    }
+}
+
 /// `PUT /v1/upstreams/{name}`: every field but `nodes` optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
