@@ -28,20 +28,23 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, InstanceError};
 use tokio::sync::{mpsc, oneshot};
+use tower_http::timeout::TimeoutBody;
 
 use crate::errors::ApiError;
 use crate::gateway::config::RouteTarget;
-use crate::gateway::proxy::{Downstream, LocalUpstreams};
+use crate::gateway::proxy::{Downstream, LocalUpstreams, upgrade_protocol};
 use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
 use crate::registry::{DeployedFunction, Registry, Snapshot};
 use crate::worker::{InvokeOutput, Job};
 
-/// A response body: a function's (whole) or an upstream's (streamed).
-pub type ResponseBody = Either<Full<Bytes>, Incoming>;
+/// A response body: a function's (whole) or an upstream's (streamed, with a timeout on
+/// each wait for more).
+pub type ResponseBody = Either<Full<Bytes>, TimeoutBody<Incoming>>;
 
 static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -379,24 +382,47 @@ impl Worker {
         body: Incoming,
         source_ip: &Arc<str>,
     ) -> Response<ResponseBody> {
+        let mut parts = parts;
         let body = match self.read_body(body).await {
             Ok(body) => body,
             Err(response) => return response.map(Either::Left),
         };
+        let upgrade = upgrade_protocol(&parts.headers).cloned();
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let downstream = Downstream {
             client_ip: source_ip,
             scheme: "http",
+            upgrade: upgrade.as_ref(),
         };
-        match self
+        let mut response = match self
             .upstreams
             .forward(upstream, &parts, body, &downstream)
             .await
         {
-            Ok(response) => response.map(Either::Right),
-            Err(error) => ApiError::new(error.status(), "upstream", error.message())
+            Ok(response) => response,
+            Err(error) => {
+                return ApiError::new(error.status(), "upstream", error.message())
+                    .to_response()
+                    .map(Either::Left);
+            }
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream",
+                    "the upstream switched protocols for a request that did not ask to",
+                )
                 .to_response()
-                .map(Either::Left),
+                .map(Either::Left);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::task::spawn_local(bridge_upgraded(client_upgrade, upstream_upgrade));
         }
+        let read_timeout = Duration::from_millis(upstream.config.read_timeout_ms);
+        response.map(|body| Either::Right(TimeoutBody::new(read_timeout, body)))
     }
 
     /// The request body, whole, within the size limit; or the error response.
@@ -630,6 +656,23 @@ impl Worker {
     }
 }
 
+/// Copies bytes both ways between an upgraded client connection and the upgraded
+/// connection to the upstream node, until either side closes.
+async fn bridge_upgraded(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "an upgraded connection could not be taken");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "an upgraded connection ended with an error");
+    }
+}
+
 /// Serves one accepted connection on this thread.
 pub fn serve_connection(
     worker: &Rc<Worker>,
@@ -646,7 +689,7 @@ pub fn serve_connection(
     });
     let connection = worker
         .builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
     tokio::task::spawn_local(async move {

@@ -1,11 +1,13 @@
 //! The gateway over real sockets: routes to upstreams and functions, weighted balancing,
-//! retries that hide a dead node, the headers a proxy adds, and admin validation of routes
-//! and upstreams. Backends are small HTTP servers started by the test on loopback ports.
+//! consistent hashing, load-aware balancers, retries that hide a dead node, passive
+//! health, the headers a proxy adds, WebSocket pass-through, and admin validation of
+//! routes and upstreams. Backends are small HTTP servers started by the test on loopback ports.
 
 mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use common::Node;
@@ -320,4 +322,244 @@ async fn bad_routes_and_upstreams_are_refused_with_field_paths() {
         body["items"][0]["config"]["target"],
         json!({"upstream": "u"})
     );
+}
+
+/// A WebSocket backend that echoes every message, prefixed with its id.
+async fn websocket_backend(id: &'static str) -> SocketAddr {
+    use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+    async fn echo(mut socket: WebSocket, id: &'static str) {
+        while let Some(Ok(message)) = socket.recv().await {
+            let reply = match message {
+                axum::extract::ws::Message::Text(text) => {
+                    axum::extract::ws::Message::Text(format!("{id}: {}", text.as_str()).into())
+                }
+                axum::extract::ws::Message::Binary(bytes) => {
+                    axum::extract::ws::Message::Binary(bytes)
+                }
+                axum::extract::ws::Message::Close(_) => break,
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    }
+    let app = axum::Router::new().route(
+        "/ws/chat",
+        axum::routing::get(move |upgrade: WebSocketUpgrade| async move {
+            upgrade.on_upgrade(move |socket| echo(socket, id))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_the_gateway() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let node = Node::start();
+    let chat = websocket_backend("chat").await;
+    put(
+        &node,
+        "/v1/upstreams/chat",
+        json!({"nodes": [{"address": chat.to_string()}]}),
+    )
+    .await;
+    put(
+        &node,
+        "/v1/routes/chat",
+        json!({"paths": ["/ws/*"], "upstream": "chat"}),
+    )
+    .await;
+
+    let url = node.url("/ws/chat").replacen("http://", "ws://", 1);
+    let (mut socket, response) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("the handshake goes through the gateway");
+    assert_eq!(response.status(), 101);
+    for round in 0..3 {
+        socket
+            .send(Message::text(format!("hello {round}")))
+            .await
+            .unwrap();
+        let reply = socket.next().await.unwrap().unwrap();
+        assert_eq!(reply, Message::text(format!("chat: hello {round}")));
+    }
+    let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    socket.send(Message::binary(payload.clone())).await.unwrap();
+    let reply = socket.next().await.unwrap().unwrap();
+    assert_eq!(
+        reply.into_data().as_ref(),
+        payload.as_slice(),
+        "large frames pass whole"
+    );
+    socket.close(None).await.unwrap();
+
+    // Plain requests on the same route still work (and are not upgrades).
+    let (status, _) = get_json(&node, "/ws/chat").await;
+    assert_ne!(status, 101);
+}
+
+async fn backend_of(node: &Node, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut request = node.http.get(node.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    let body: Value = response.json().await.unwrap();
+    body["backend"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_sticks_and_moves_only_the_leaving_nodes_keys() {
+    let node = Node::start();
+    let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let nodes = |addresses: &[SocketAddr]| {
+        addresses
+            .iter()
+            .map(|a| json!({"address": a.to_string()}))
+            .collect::<Vec<_>>()
+    };
+    let (status, body) = put(
+        &node,
+        "/v1/upstreams/users",
+        json!({"nodes": nodes(&[a, b, c]), "balancer": "chash", "hash_on": {"header": "x-user"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    put(
+        &node,
+        "/v1/routes/users",
+        json!({"paths": ["/u/*"], "upstream": "users"}),
+    )
+    .await;
+
+    let users: Vec<String> = (0..150).map(|i| format!("user-{i}")).collect();
+    let mut before = HashMap::new();
+    for user in &users {
+        let first = backend_of(&node, "/u/x", &[("x-user", user)]).await;
+        for _ in 0..2 {
+            let again = backend_of(&node, "/u/x", &[("x-user", user)]).await;
+            assert_eq!(again, first, "{user} sticks to its node");
+        }
+        before.insert(user.clone(), first);
+    }
+    let mut spread: HashMap<&str, usize> = HashMap::new();
+    for backend in before.values() {
+        *spread.entry(backend.as_str()).or_default() += 1;
+    }
+    assert_eq!(spread.len(), 3, "every node owns keys: {spread:?}");
+
+    // Node b leaves: its keys move, no other key does.
+    put(
+        &node,
+        "/v1/upstreams/users",
+        json!({"nodes": nodes(&[a, c]), "balancer": "chash", "hash_on": {"header": "x-user"}}),
+    )
+    .await;
+    for user in &users {
+        let now = backend_of(&node, "/u/x", &[("x-user", user)]).await;
+        if before[user] == "b" {
+            assert_ne!(now, "b");
+        } else {
+            assert_eq!(
+                now, before[user],
+                "{user} did not belong to the leaving node"
+            );
+        }
+    }
+
+    // Other key sources: a query argument and a cookie.
+    put(
+        &node,
+        "/v1/upstreams/users",
+        json!({"nodes": nodes(&[a, b, c]), "balancer": "chash", "hash_on": {"query": "user"}}),
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for user in users.iter().take(30) {
+        let path = format!("/u/x?user={user}");
+        let first = backend_of(&node, &path, &[]).await;
+        assert_eq!(backend_of(&node, &path, &[]).await, first);
+        seen.insert(first);
+    }
+    assert!(seen.len() > 1, "query keys spread over the nodes");
+    put(
+        &node,
+        "/v1/upstreams/users",
+        json!({"nodes": nodes(&[a, b, c]), "balancer": "chash", "hash_on": {"cookie": "sid"}}),
+    )
+    .await;
+    for user in users.iter().take(30) {
+        let cookie = format!("theme=dark; sid={user}");
+        let first = backend_of(&node, "/u/x", &[("cookie", &cookie)]).await;
+        assert_eq!(
+            backend_of(&node, "/u/x", &[("cookie", &cookie)]).await,
+            first
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_and_ewma_avoid_a_slow_node() {
+    // The slow node holds each request 300 ms; with 20 clients in flight the load-aware
+    // balancers must send most requests to the fast nodes (round robin would give it a
+    // third).
+    let node = Node::start_with(&["--workers", "1"]);
+    let (fast, other) = (backend("fast").await, backend("other").await);
+    let slow = slow_backend("slow", Duration::from_millis(300)).await;
+    for balancer in ["least_conn", "ewma"] {
+        let (status, body) = put(
+            &node,
+            "/v1/upstreams/mixed",
+            json!({"nodes": [{"address": fast.to_string()}, {"address": other.to_string()},
+                             {"address": slow.to_string()}],
+                   "balancer": balancer}),
+        )
+        .await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        put(
+            &node,
+            "/v1/routes/mixed",
+            json!({"paths": ["/m/*"], "upstream": "mixed"}),
+        )
+        .await;
+        // 20 clients, each sending 10 requests one after another.
+        let clients = (0..20).map(|_| async {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                got.push(backend_of(&node, "/m/x", &[]).await);
+            }
+            got
+        });
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for backend in futures_util::future::join_all(clients)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            *counts.entry(backend).or_default() += 1;
+        }
+        let slow_share = counts.get("slow").copied().unwrap_or(0);
+        assert!(
+            slow_share < 200 / 5,
+            "{balancer}: the slow node got {slow_share} of 200 (round robin: ~67): {counts:?}"
+        );
+    }
+}
+
+async fn slow_backend(id: &'static str, delay: Duration) -> SocketAddr {
+    let app = axum::Router::new().fallback(move || async move {
+        tokio::time::sleep(delay).await;
+        axum::Json(json!({"backend": id}))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    address
 }

@@ -15,8 +15,13 @@
 //!   client's address appended, `X-Forwarded-Proto` and `X-Forwarded-Host` are set, `Host`
 //!   follows `pass_host`.
 //! - **Timeouts**: `connect` bounds the TCP connect; `send` + `read` bound the time from
-//!   the start of an attempt to the response's headers. The body then streams without a
-//!   per-read timeout (not yet).
+//!   the start of an attempt to the response's headers; the data plane then streams the
+//!   body with `read` as the longest wait for each next piece of it
+//!   (`tower_http::timeout::TimeoutBody`), as nginx's `proxy_read_timeout` does.
+//! - **Upgrades** (WebSocket): an upgrade request's handshake is forwarded with its
+//!   `Upgrade` and `Connection: upgrade`; when the node answers `101`, the data plane
+//!   takes both upgraded connections and copies bytes both ways until either side closes
+//!   (no idle timeout: a WebSocket may be quiet for long; its own pings keep it honest).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -110,6 +115,25 @@ impl Local {
 pub struct Downstream<'a> {
     pub client_ip: &'a str,
     pub scheme: &'static str,
+    /// The protocol the client asks to switch to (`Upgrade`), when the request is an
+    /// upgrade: the handshake is forwarded with its `Upgrade` and `Connection: upgrade`.
+    pub upgrade: Option<&'a HeaderValue>,
+}
+
+/// The protocol of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade: X`), if
+/// the request is one.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE)
+    } else {
+        None
+    }
 }
 
 /// The consistent-hash key of a request, per the upstream's `hash_on`.
@@ -219,7 +243,14 @@ impl LocalUpstreams {
                         continue;
                     }
                     let mut response = response;
+                    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let protocol = response.headers().get(header::UPGRADE).cloned();
                     strip_hop_by_hop(response.headers_mut());
+                    if let (true, Some(protocol)) = (switched, protocol) {
+                        let headers = response.headers_mut();
+                        headers.insert(header::UPGRADE, protocol);
+                        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    }
                     return Ok(response);
                 }
                 Ok(Err(error)) => {
@@ -331,6 +362,10 @@ fn build_request(
     );
     if let Some(host) = client_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Some(protocol) = downstream.upgrade {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = parts.method.clone();
