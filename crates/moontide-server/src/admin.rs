@@ -380,6 +380,24 @@ async fn deploy(
     for _ in 0..8 {
         let now = records::now_ms();
         let head = read_head(&*state.store, &name).await?;
+        // Deploying what already serves is a no-op (no new version burns retention): this
+        // is what makes `moontide apply` idempotent.
+        let sha256 = records::source_digest(&source.files);
+        if let Some((record, _)) = &head
+            && let Some(kv) = state
+                .store
+                .get(&records::version_key(&name, record.active_version))
+                .await?
+            && let Ok(active) = serde_json::from_slice::<VersionRecord>(&kv.value)
+            && active.sha256 == sha256
+            && active.config == config
+        {
+            return Ok(json_response(
+                StatusCode::OK,
+                json!({"name": name, "version": active.version, "unchanged": true,
+                       "revision": kv.mod_revision}),
+            ));
+        }
         let (created_at_ms, next_version, head_revision) = match &head {
             Some((record, revision)) => {
                 (record.created_at_ms, record.latest_version + 1, *revision)
@@ -389,7 +407,7 @@ async fn deploy(
         let version = VersionRecord {
             name: name.clone(),
             version: next_version,
-            sha256: records::source_digest(&source.files),
+            sha256: sha256.clone(),
             files: source.files.clone(),
             config: config.clone(),
             created_at_ms: now,

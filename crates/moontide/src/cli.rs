@@ -161,6 +161,12 @@ enum Command {
     },
     /// List a function's kept versions.
     Versions { name: String },
+    /// Apply a manifest: upstreams, plugins, functions and routes, in that order.
+    Apply {
+        /// The manifest (YAML; see `moontide apply --help` and the README).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
     /// Print a function's log.
     Logs {
         name: String,
@@ -268,6 +274,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { name } => client()?.remove(&name).await,
         Command::Rollback { name, to } => client()?.rollback(&name, to).await,
         Command::Versions { name } => client()?.versions(&name).await,
+        Command::Apply { file } => crate::apply::apply(&client()?, &file).await,
         Command::Logs { name, follow, tail } => client()?.logs(&name, follow, tail).await,
     }
 }

@@ -36,7 +36,7 @@ fn find_token(data_dir: &Path) -> anyhow::Result<String> {
 type LocalName = Box<dyn Fn(&str) -> String>;
 
 /// The files of a function given as a `.lua` file, a directory or a `.zip`.
-fn read_function(path: &Path) -> anyhow::Result<(Value, LocalName)> {
+pub(crate) fn read_function(path: &Path) -> anyhow::Result<(Value, LocalName)> {
     let display = path.display().to_string();
     if path.is_dir() {
         let mut files = serde_json::Map::new();
@@ -145,6 +145,16 @@ impl Client {
             eprintln!("  request id: {request_id}");
         }
         ExitCode::FAILURE
+    }
+
+    /// `PUT path` with a JSON body: the status and the answer.
+    pub async fn put(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        self.send(self.request(reqwest::Method::PUT, path).json(body))
+            .await
     }
 
     pub async fn exists(&self, name: &str) -> anyhow::Result<bool> {

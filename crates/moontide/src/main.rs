@@ -1,6 +1,7 @@
 //! The `moontide` command (DESIGN.md §3). `serve` runs a node in this process; every other
-//! command is a thin client of a node's admin API (see `client`).
+//! command is a thin client of a node's admin API (see `client`; `apply` for manifests).
 
+mod apply;
 mod cli;
 mod client;
 

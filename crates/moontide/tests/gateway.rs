@@ -563,3 +563,114 @@ async fn slow_backend(id: &'static str, delay: Duration) -> SocketAddr {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     address
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_sets_up_upstreams_functions_and_routes_from_one_manifest() {
+    let node = Node::start();
+    let web = backend("web").await;
+    let dir = common::temp_files(&[
+        (
+            "fns/greet.lua",
+            "return function(event) return 'hello ' .. event.pathParameters.who end",
+        ),
+        (
+            "moontide.yaml",
+            &format!(
+                "# routes name objects defined further down: apply orders them itself\n\
+                 routes:\n\
+                 \x20 greet: {{paths: ['/hi/:who'], function: greet}}\n\
+                 \x20 web: {{paths: ['/web/*'], upstream: web}}\n\
+                 functions:\n\
+                 \x20 greet:\n\
+                 \x20   path: fns/greet.lua\n\
+                 \x20   config: {{timeout: 2s}}\n\
+                 upstreams:\n\
+                 \x20 web:\n\
+                 \x20   nodes: [{{address: '{web}'}}]\n"
+            ),
+        ),
+    ]);
+    let manifest = dir.path().join("moontide.yaml");
+    let manifest = manifest.to_str().unwrap().to_string();
+    let run = |args: Vec<String>| {
+        let node_admin = node.admin.clone();
+        let token = node.token.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::BIN)
+                .args(&args)
+                .env("MOONTIDE_ADMIN", node_admin)
+                .env("MOONTIDE_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(vec!["apply".into(), "-f".into(), manifest.clone()])
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "upstreams.web: created",
+            "functions.greet: deployed version 1",
+            "routes.greet: created",
+            "routes.web: created"
+        ]
+    );
+    let text = node
+        .http
+        .get(node.url("/hi/moon"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text, "hello moon");
+    assert_eq!(get_json(&node, "/web/x").await.1["backend"], "web");
+
+    // Applying the same file again changes nothing: the function keeps its version.
+    let output = run(vec!["apply".into(), "-f".into(), manifest.clone()])
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success());
+    assert!(
+        stdout.contains("functions.greet: unchanged (version 1)"),
+        "{stdout}"
+    );
+    let (_, versions) = node
+        .admin_json(reqwest::Method::GET, "/v1/functions/greet/versions", None)
+        .await;
+    assert_eq!(
+        versions["versions"].as_array().map(Vec::len),
+        Some(1),
+        "{versions}"
+    );
+
+    // A refused object stops the apply and names the field inside the manifest.
+    std::fs::write(
+        &manifest,
+        format!(
+            "upstreams:\n  web: {{nodes: [{{address: '{web}'}}]}}\n\
+             routes:\n  broken: {{paths: ['no-slash'], upstream: web}}\n  zzz: {{paths: ['/z'], upstream: web}}\n"
+        ),
+    )
+    .unwrap();
+    let output = run(vec!["apply".into(), "-f".into(), manifest])
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success());
+    assert!(stderr.contains("at: routes.broken.paths[0]"), "{stderr}");
+    assert!(stderr.contains("applied 1 of 3 objects"), "{stderr}");
+    let (status, _) = node
+        .admin_json(reqwest::Method::GET, "/v1/routes/zzz", None)
+        .await;
+    assert_eq!(status, 404, "objects after the refused one are not applied");
+}
