@@ -674,3 +674,30 @@ async fn apply_sets_up_upstreams_functions_and_routes_from_one_manifest() {
         .await;
     assert_eq!(status, 404, "objects after the refused one are not applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_manifest_applies() {
+    let node = Node::start();
+    let manifest = common::examples_dir().join("gateway/moontide.yaml");
+    let output = {
+        let (admin, token) = (node.admin.clone(), node.token.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::BIN)
+                .args(["apply", "-f", manifest.to_str().unwrap()])
+                .env("MOONTIDE_ADMIN", admin)
+                .env("MOONTIDE_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let response = node.http.get(node.url("/hello/moon")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
