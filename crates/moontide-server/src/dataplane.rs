@@ -565,6 +565,14 @@ impl Worker {
         Some((function, "/{proxy+}", proxy))
     }
 
+    /// Drops this thread's clients (and so their idle connections) of upstreams that are no
+    /// longer configured.
+    pub fn forget_removed_upstreams(&self) {
+        let snapshot = self.registry.snapshot();
+        self.upstreams
+            .retain(|name| snapshot.gateway.upstreams.contains_key(name));
+    }
+
     /// Brings functions with a `min` back to it (see `LocalPools::keep_warm`).
     /// Each thread warms only the functions it serves: the long-call worker those that are
     /// long-running, the I/O workers the others.

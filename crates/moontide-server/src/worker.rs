@@ -191,6 +191,7 @@ fn spawn_reaper(worker: &Rc<Worker>) -> tokio::task::JoinHandle<()> {
             count += 1;
             if count.is_multiple_of(sweep_every) {
                 worker.pools.sweep(now);
+                worker.forget_removed_upstreams();
                 worker.keep_warm().await;
             }
         }

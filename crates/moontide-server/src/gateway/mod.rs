@@ -15,7 +15,6 @@ pub mod config;
 pub mod proxy;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use moontide_gateway::balance::{self, Algorithm, NodeSpec};
 use moontide_gateway::router::{RouteSpec, Router, ValueMatch};
@@ -36,8 +35,6 @@ pub struct Gateway {
     pub router: Router<Arc<Route>>,
     pub upstreams: imbl::HashMap<Arc<str>, Arc<Upstream>>,
 }
-
-static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Turns a stored route into the router's spec, reporting problems with the paths of the
 /// admin API's fields.
@@ -156,7 +153,6 @@ impl Gateway {
         let name: Arc<str> = Arc::from(name);
         let upstream = Upstream {
             name: name.clone(),
-            id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed),
             config,
             balancer,
         };

@@ -3,8 +3,9 @@
 //! upstream's policy retries, and hand the response back streaming.
 //!
 //! - **Connections**: one hyper client per upstream per worker thread (its own keep-alive
-//!   pool per node, as nginx keeps one per worker), replaced when the upstream's config
-//!   changes. The connect timeout is the connector's.
+//!   pool per node, as nginx keeps one per worker), replaced only when the upstream's
+//!   connection settings change (editing nodes or weights keeps the connections of the
+//!   nodes that stay). The connect timeout is the connector's.
 //! - **Request body**: read whole (bounded, like a function's) before the first attempt,
 //!   so that a retry can resend it (nginx's `proxy_request_buffering on`).
 //! - **Retries** (`proxy_next_upstream`): a connect failure is always safe to retry (the
@@ -44,8 +45,6 @@ use super::config::{HashOn, PassHost, RetryOn, UpstreamConfig};
 /// state — health, breaker, load — is kept per address across edits).
 pub struct Upstream {
     pub name: Arc<str>,
-    /// Unique per configuration in this process: a change makes new clients.
-    pub id: u64,
     pub config: UpstreamConfig,
     pub balancer: balance::Upstream,
 }
@@ -86,9 +85,30 @@ pub struct LocalUpstreams {
 }
 
 struct Local {
-    id: u64,
+    /// What the client was built with; a change of these (not of nodes or weights) makes
+    /// a new client, so that editing the nodes keeps the open connections of those that
+    /// stay.
+    settings: ClientSettings,
     client: Client<HttpConnector, Full<Bytes>>,
     balancer: balance::Local,
+}
+
+/// The upstream settings a client is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClientSettings {
+    connect_timeout_ms: u64,
+    keepalive_idle_timeout_ms: u64,
+    keepalive_max_idle: u32,
+}
+
+impl ClientSettings {
+    fn of(config: &UpstreamConfig) -> ClientSettings {
+        ClientSettings {
+            connect_timeout_ms: config.connect_timeout_ms,
+            keepalive_idle_timeout_ms: config.keepalive_idle_timeout_ms,
+            keepalive_max_idle: config.keepalive_max_idle,
+        }
+    }
 }
 
 impl Local {
@@ -104,7 +124,7 @@ impl Local {
             .pool_max_idle_per_host(config.keepalive_max_idle as usize)
             .build(connector);
         Local {
-            id: upstream.id,
+            settings: ClientSettings::of(config),
             client,
             balancer: balance::Local::new(),
         }
@@ -286,7 +306,7 @@ impl LocalUpstreams {
         let local = upstreams
             .entry(upstream.name.clone())
             .or_insert_with(|| Local::new(upstream));
-        if local.id != upstream.id {
+        if local.settings != ClientSettings::of(&upstream.config) {
             *local = Local::new(upstream);
         }
         local.client.clone()
