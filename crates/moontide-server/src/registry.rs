@@ -65,9 +65,11 @@ impl DeployedFunction {
 #[derive(Default)]
 pub struct Snapshot {
     pub revision: Revision,
-    pub functions: HashMap<Arc<str>, Arc<DeployedFunction>>,
-    /// `(path prefix, function)`, longest prefix first.
-    pub routes: Vec<(String, Arc<DeployedFunction>)>,
+    /// Shared with the next snapshot when a change touches no function (a gateway edit
+    /// then costs nothing here).
+    pub functions: Arc<HashMap<Arc<str>, Arc<DeployedFunction>>>,
+    /// `(path prefix, function)`, longest prefix first; shared like `functions`.
+    pub routes: Arc<Vec<(String, Arc<DeployedFunction>)>>,
     /// Routes and upstreams (`/v1/routes`, `/v1/upstreams`).
     pub gateway: Gateway,
 }
@@ -139,8 +141,12 @@ impl Registry {
         self.metrics.functions.set(snapshot.functions.len() as i64);
         let old = self.current.swap(Arc::new(snapshot));
         let new = self.current.load();
+        if Arc::ptr_eq(&old.functions, &new.functions) {
+            self.published.send_replace(Some(revision));
+            return;
+        }
         // Versions no longer served stop taking new calls; their idle instances are reaped.
-        for (name, function) in &old.functions {
+        for (name, function) in old.functions.iter() {
             match new.functions.get(name) {
                 Some(current) if current.id == function.id => {}
                 _ => function.pool.retire(),
@@ -266,7 +272,7 @@ fn with_routes(mut snapshot: Snapshot) -> Snapshot {
         .filter_map(|f| f.config.route.clone().map(|route| (route, f.clone())))
         .collect();
     routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-    snapshot.routes = routes;
+    snapshot.routes = Arc::new(routes);
     snapshot
 }
 
@@ -298,16 +304,29 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             functions.insert(deployed.name.clone(), deployed);
         }
     }
-    let mut gateway = Gateway::default();
+    // A reload (after a broken or compacted watch) starts from the serving upstreams, so
+    // that the nodes that stay keep their health and breaker state; upstreams gone from
+    // the store are dropped below.
+    let mut gateway = Gateway {
+        upstreams: previous.gateway.upstreams.clone(),
+        ..Gateway::default()
+    };
     let (upstreams, _) = store.range(records::UPSTREAM_PREFIX).await?;
     let (routes, _) = store.range(records::ROUTE_PREFIX).await?;
+    let stored: BTreeSet<&str> = upstreams
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(records::UPSTREAM_PREFIX))
+        .collect();
+    gateway
+        .upstreams
+        .retain(|name, _| stored.contains(name.as_ref()));
     for kv in upstreams.iter().chain(&routes) {
         apply_gateway_change(&mut gateway, &kv.key, Some(&kv.value));
     }
     registry.publish(with_routes(Snapshot {
         revision,
-        functions,
-        routes: Vec::new(),
+        functions: Arc::new(functions),
+        routes: Arc::default(),
         gateway,
     }));
 
@@ -330,7 +349,17 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             };
             apply_gateway_change(&mut gateway, event.key(), value);
         }
-        let mut functions = current.functions.clone();
+        if names.is_empty() {
+            // Only gateway objects changed: functions and their routes are shared as is.
+            registry.publish(Snapshot {
+                revision,
+                functions: current.functions.clone(),
+                routes: current.routes.clone(),
+                gateway,
+            });
+            continue;
+        }
+        let mut functions = (*current.functions).clone();
         for name in names {
             match load_function(registry, store, &name, current.functions.get(name.as_str()))
                 .await?
@@ -348,8 +377,8 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
         }
         registry.publish(with_routes(Snapshot {
             revision,
-            functions,
-            routes: Vec::new(),
+            functions: Arc::new(functions),
+            routes: Arc::default(),
             gateway,
         }));
     }
