@@ -122,6 +122,11 @@ impl Registry {
         self.published.borrow().is_some()
     }
 
+    /// A receiver told of every published snapshot (its revision).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Revision>> {
+        self.published.subscribe()
+    }
+
     /// Waits until the serving snapshot has reached `revision` (or `limit` passes).
     pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
         let mut receiver = self.published.subscribe();
@@ -298,7 +303,10 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             functions.insert(deployed.name.clone(), deployed);
         }
     }
-    let mut gateway = Gateway::default();
+    let mut gateway = Gateway {
+        events: registry.metrics.upstream_events(),
+        ..Gateway::default()
+    };
     let (upstreams, _) = store.range(records::UPSTREAM_PREFIX).await?;
     let (routes, _) = store.range(records::ROUTE_PREFIX).await?;
     for kv in upstreams.iter().chain(&routes) {

@@ -9,9 +9,13 @@
 //! upstreams by name. A store change touches only the route or upstream it names: the
 //! builder clones the current router, inserts or removes one route and publishes; an
 //! upstream whose stored config did not change is kept as it is, with its node state.
+//!
+//! `health` runs the active health checks (background tasks on the admin runtime,
+//! reconciled with each snapshot) and reports node transitions (logs, metrics).
 
 pub mod admin;
 pub mod config;
+pub mod health;
 pub mod proxy;
 
 use std::sync::Arc;
@@ -35,6 +39,8 @@ pub struct Route {
 pub struct Gateway {
     pub router: Router<Arc<Route>>,
     pub upstreams: imbl::HashMap<Arc<str>, Arc<Upstream>>,
+    /// Where upstreams count their nodes' transitions.
+    pub events: crate::metrics::UpstreamEvents,
 }
 
 static NEXT_UPSTREAM_ID: AtomicU64 = AtomicU64::new(1);
@@ -159,6 +165,7 @@ impl Gateway {
             id: NEXT_UPSTREAM_ID.fetch_add(1, Ordering::Relaxed),
             config,
             balancer,
+            events: self.events.clone(),
         };
         self.upstreams.insert(name, Arc::new(upstream));
     }
