@@ -199,17 +199,17 @@ async fn probe(check: &ActiveCheck, address: &str) -> Result<(), String> {
         .body(Empty::<Bytes>::new())
         .map_err(|error| format!("request: {error}"))?;
     let mut connection = std::pin::pin!(connection);
+    let mut send = std::pin::pin!(sender.send_request(request));
+    // The connection future does the I/O; with `Connection: close` it may finish (having
+    // handed the response over) before the response future is polled again.
     let response = tokio::select! {
-        response = sender.send_request(request) => {
-            response.map_err(|error| format!("http: {error}"))?
-        }
-        result = &mut connection => {
-            return Err(match result {
-                Ok(()) => "connection closed before a response".into(),
-                Err(error) => format!("http: {error}"),
-            });
-        }
-    };
+        response = &mut send => response,
+        result = &mut connection => match result {
+            Ok(()) => send.await,
+            Err(error) => return Err(format!("http: {error}")),
+        },
+    }
+    .map_err(|error| format!("http: {error}"))?;
     let status = response.status().as_u16();
     if check.expects(status) {
         Ok(())
@@ -337,7 +337,8 @@ mod tests {
                 let status = statuses.next().unwrap();
                 let _ = socket
                     .write_all(
-                        format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+                        format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .as_bytes(),
                     )
                     .await;
             }
