@@ -44,7 +44,10 @@ impl Backend {
             probes_ok: AtomicUsize::new(0),
             hits: AtomicUsize::new(0),
         });
-        async fn answer(State(b): State<Arc<Backend>>, request: Request) -> axum::response::Response {
+        async fn answer(
+            State(b): State<Arc<Backend>>,
+            request: Request,
+        ) -> axum::response::Response {
             let status = if request.uri().path() == "/healthz" {
                 b.probes.fetch_add(1, Ordering::SeqCst);
                 if b.healthy.load(Ordering::SeqCst) {
@@ -55,7 +58,11 @@ impl Backend {
                 }
             } else {
                 b.hits.fetch_add(1, Ordering::SeqCst);
-                if b.failing.load(Ordering::SeqCst) { 500 } else { 200 }
+                if b.failing.load(Ordering::SeqCst) {
+                    500
+                } else {
+                    200
+                }
             };
             axum::response::Response::builder()
                 .status(status)
@@ -179,7 +186,10 @@ async fn active_checks_eject_a_failing_node_and_readmit_it() {
     .await;
 
     b.healthy.store(false, Ordering::SeqCst);
-    eventually("b ejected", || async { !is_healthy(&node, "web", &b.addr()).await }).await;
+    eventually("b ejected", || async {
+        !is_healthy(&node, "web", &b.addr()).await
+    })
+    .await;
     assert!(is_healthy(&node, "web", &a.addr()).await);
     let b_hits = b.hits();
     for _ in 0..20 {
@@ -187,9 +197,18 @@ async fn active_checks_eject_a_failing_node_and_readmit_it() {
     }
     assert_eq!(b.hits(), b_hits, "an ejected node gets no traffic");
     let metrics = node.metrics().await;
-    let series = |name: &str, who: &Backend| format!("{name}{{upstream=\"web\",node=\"{}\"}}", who.addr());
-    assert_eq!(metric_value(&metrics, &series("moontide_upstream_node_healthy", &b)), 0.0, "{metrics}");
-    assert_eq!(metric_value(&metrics, &series("moontide_upstream_node_healthy", &a)), 1.0, "{metrics}");
+    let series =
+        |name: &str, who: &Backend| format!("{name}{{upstream=\"web\",node=\"{}\"}}", who.addr());
+    assert_eq!(
+        metric_value(&metrics, &series("moontide_upstream_node_healthy", &b)),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, &series("moontide_upstream_node_healthy", &a)),
+        1.0,
+        "{metrics}"
+    );
     let ejected = format!(
         "moontide_upstream_health_transitions_total{{upstream=\"web\",node=\"{}\",to=\"unhealthy\",cause=\"active\"}}",
         b.addr()
@@ -199,7 +218,10 @@ async fn active_checks_eject_a_failing_node_and_readmit_it() {
     // Healthy again: re-admitted only once `healthy_threshold` (2) checks passed.
     b.probes_ok.store(0, Ordering::SeqCst);
     b.healthy.store(true, Ordering::SeqCst);
-    eventually("b re-admitted", || async { is_healthy(&node, "web", &b.addr()).await }).await;
+    eventually("b re-admitted", || async {
+        is_healthy(&node, "web", &b.addr()).await
+    })
+    .await;
     assert!(
         b.probes_ok.load(Ordering::SeqCst) >= 2,
         "re-admitted after fewer than healthy_threshold passing checks"
@@ -209,7 +231,11 @@ async fn active_checks_eject_a_failing_node_and_readmit_it() {
     })
     .await;
     let metrics = node.metrics().await;
-    assert_eq!(metric_value(&metrics, &series("moontide_upstream_node_healthy", &b)), 1.0, "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, &series("moontide_upstream_node_healthy", &b)),
+        1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +286,10 @@ async fn node_health_survives_upstream_edits_and_removed_nodes_are_no_longer_pro
     )
     .await;
     b.healthy.store(false, Ordering::SeqCst);
-    eventually("b ejected", || async { !is_healthy(&node, "web", &b.addr()).await }).await;
+    eventually("b ejected", || async {
+        !is_healthy(&node, "web", &b.addr()).await
+    })
+    .await;
 
     // Add a node, change a weight and slow the checks down: were b's state reset, it would
     // count as healthy for at least the next two check intervals (10 s).
@@ -273,7 +302,10 @@ async fn node_health_survives_upstream_edits_and_removed_nodes_are_no_longer_pro
                                      "unhealthy_threshold": 3}}}),
     )
     .await;
-    assert!(!is_healthy(&node, "web", &b.addr()).await, "health was lost in the edit");
+    assert!(
+        !is_healthy(&node, "web", &b.addr()).await,
+        "health was lost in the edit"
+    );
     let b_hits = b.hits();
     let mut answered = std::collections::HashSet::new();
     for _ in 0..30 {
@@ -281,8 +313,15 @@ async fn node_health_survives_upstream_edits_and_removed_nodes_are_no_longer_pro
         assert_eq!(status, 200);
         answered.insert(backend.unwrap());
     }
-    assert_eq!(b.hits(), b_hits, "the ejected node got traffic after the edit");
-    assert!(answered.contains("a") && answered.contains("c"), "{answered:?}");
+    assert_eq!(
+        b.hits(),
+        b_hits,
+        "the ejected node got traffic after the edit"
+    );
+    assert!(
+        answered.contains("a") && answered.contains("c"),
+        "{answered:?}"
+    );
 
     // Remove b (and check faster again): its probes stop while c's go on.
     put_ok(
@@ -293,13 +332,19 @@ async fn node_health_survives_upstream_edits_and_removed_nodes_are_no_longer_pro
     )
     .await;
     let c_seen = c.probes();
-    eventually("c probed after the edit", || async { c.probes() >= c_seen + 2 }).await;
+    eventually("c probed after the edit", || async {
+        c.probes() >= c_seen + 2
+    })
+    .await;
     let b_probes = b.probes();
     let c_seen = c.probes();
     eventually("c probed more", || async { c.probes() >= c_seen + 5 }).await;
     assert_eq!(b.probes(), b_probes, "a removed node is still probed");
     let metrics = node.metrics().await;
-    assert!(!metrics.contains(&b.addr()), "series of a removed node remain: {metrics}");
+    assert!(
+        !metrics.contains(&b.addr()),
+        "series of a removed node remain: {metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +360,10 @@ async fn a_tcp_check_ejects_a_node_whose_port_is_closed() {
                           "passive": {"unhealthy_threshold": 0}}}),
     )
     .await;
-    eventually("the dead node is ejected", || async { !is_healthy(&node, "tcp", &dead).await }).await;
+    eventually("the dead node is ejected", || async {
+        !is_healthy(&node, "tcp", &dead).await
+    })
+    .await;
     assert!(is_healthy(&node, "tcp", &live.addr()).await);
     assert_eq!(live.probes(), 0, "a TCP check sends no HTTP request");
     let metrics = node.metrics().await;
@@ -327,7 +375,9 @@ async fn a_tcp_check_ejects_a_node_whose_port_is_closed() {
         0.0
     );
     assert!(
-        metrics.contains(&format!("moontide_upstream_node_healthy{{upstream=\"tcp\",node=\"{dead}\"}} 0")),
+        metrics.contains(&format!(
+            "moontide_upstream_node_healthy{{upstream=\"tcp\",node=\"{dead}\"}} 0"
+        )),
         "{metrics}"
     );
 }
@@ -360,7 +410,10 @@ async fn the_breaker_opens_sheds_half_opens_and_closes() {
     let status = node_status(&node, "flaky").await;
     assert_eq!(status[0].2, "open", "{status:?}");
     let metrics = node.metrics().await;
-    let breaker = format!("moontide_upstream_node_breaker{{upstream=\"flaky\",node=\"{}\"}}", a.addr());
+    let breaker = format!(
+        "moontide_upstream_node_breaker{{upstream=\"flaky\",node=\"{}\"}}",
+        a.addr()
+    );
     assert_eq!(metric_value(&metrics, &breaker), 1.0, "{metrics}");
 
     // After the open period one trial goes through; it fails: open again.

@@ -87,7 +87,13 @@ pub async fn get_upstream(
     let config: UpstreamConfig = serde_json::from_slice(&item.value)
         .map_err(|e| ApiError::internal(format!("unreadable {key}: {e}")))?;
     let mut body = json!({"name": name, "config": config, "revision": item.mod_revision});
-    if let Some(upstream) = state.registry.snapshot().gateway.upstreams.get(name.as_str()) {
+    if let Some(upstream) = state
+        .registry
+        .snapshot()
+        .gateway
+        .upstreams
+        .get(name.as_str())
+    {
         let now = std::time::Instant::now();
         let nodes: Vec<_> = upstream
             .balancer

@@ -221,7 +221,8 @@ impl UpstreamConfig {
         let breaker = &self.breaker;
         NodeConfig {
             health: HealthConfig {
-                healthy_threshold: active.map_or(defaults.healthy_threshold, |a| a.healthy_threshold),
+                healthy_threshold: active
+                    .map_or(defaults.healthy_threshold, |a| a.healthy_threshold),
                 unhealthy_threshold: active
                     .map_or(defaults.unhealthy_threshold, |a| a.unhealthy_threshold),
                 passive_unhealthy_threshold: self.health.passive.unhealthy_threshold,
@@ -623,7 +624,9 @@ fn resolve_active(input: &ActiveCheckInput, errors: &mut Vec<FieldError>) -> Act
     if kind == CheckKind::Http {
         let path = input.path.clone().unwrap_or_else(|| "/healthz".into());
         let valid = path.starts_with('/')
-            && path.parse::<http::uri::PathAndQuery>().is_ok_and(|p| p.as_str() == path);
+            && path
+                .parse::<http::uri::PathAndQuery>()
+                .is_ok_and(|p| p.as_str() == path);
         if !valid {
             errors.push(FieldError::new(
                 "health.active.path",
@@ -739,7 +742,13 @@ fn resolve_breaker(input: &BreakerInput, errors: &mut Vec<FieldError>) -> Breake
         errors,
     );
     let range = (Duration::from_millis(1), Duration::from_secs(86_400));
-    duration_field(&input.open, "breaker.open", range, &mut breaker.open_ms, errors);
+    duration_field(
+        &input.open,
+        "breaker.open",
+        range,
+        &mut breaker.open_ms,
+        errors,
+    );
     duration_field(
         &input.max_open,
         "breaker.max_open",
@@ -1151,6 +1160,72 @@ mod tests {
                 .unwrap_err(),
             ["hash_on"]
         );
+    }
+
+    #[test]
+    fn health_and_breaker_settings_map_to_node_config() {
+        let config = upstream(serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080"}],
+            "health": {"active": {"type": "tcp", "interval": "500ms", "healthy_threshold": 4},
+                       "passive": {"unhealthy_threshold": 0, "recovery": "3s"}},
+            "breaker": {"failures": 7, "open": "10m", "successes": 2,
+                        "ratio": {"ratio": 0.25, "window": "5s"}}
+        }))
+        .unwrap();
+        let active = config.health.active.as_ref().unwrap();
+        assert_eq!(active.kind, CheckKind::Tcp);
+        assert_eq!((active.path.as_deref(), active.statuses.len()), (None, 0));
+        assert_eq!(active.interval_ms, 500);
+        let node = config.node_config();
+        assert!(node.health.active_checks);
+        assert_eq!(node.health.healthy_threshold, 4);
+        assert_eq!(node.health.unhealthy_threshold, 3);
+        assert_eq!(node.health.passive_unhealthy_threshold, 0);
+        assert_eq!(node.health.passive_recovery, Duration::from_secs(3));
+        assert_eq!(node.breaker.failure_threshold, 7);
+        assert_eq!(node.breaker.open_for, Duration::from_secs(600));
+        // Only `open` given, longer than the default cap: the cap follows.
+        assert_eq!(node.breaker.max_open_for, Duration::from_secs(600));
+        assert_eq!(node.breaker.success_threshold, 2);
+        let ratio = node.breaker.failure_ratio.unwrap();
+        assert_eq!((ratio.ratio, ratio.min_requests), (0.25, 20));
+        assert_eq!(ratio.window, Duration::from_secs(5));
+
+        let http = upstream(serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080"}],
+            "health": {"active": {"path": "/ready?full=1", "statuses": [204, "300-302"]}}
+        }))
+        .unwrap();
+        let active = http.health.active.unwrap();
+        assert_eq!(active.path.as_deref(), Some("/ready?full=1"));
+        assert!(active.expects(204) && active.expects(301));
+        assert!(!active.expects(200) && !active.expects(303));
+    }
+
+    #[test]
+    fn records_stored_before_health_settings_still_parse() {
+        let old = serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080", "weight": 1}], "balancer": "round_robin",
+            "connect_timeout_ms": 1000, "send_timeout_ms": 60000, "read_timeout_ms": 60000,
+            "retries": 1, "retry_on": ["error", "timeout"], "retry_on_statuses": [502, 503, 504],
+            "retry_non_idempotent": false, "keepalive_idle_timeout_ms": 60000,
+            "keepalive_max_idle": 64, "pass_host": "pass"
+        });
+        let config: UpstreamConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(config.health, HealthSettings::default());
+        assert_eq!(config.breaker, BreakerSettings::default());
+        let node = config.node_config();
+        assert!(!node.health.active_checks);
+        assert_eq!(
+            node.health,
+            moontide_gateway::balance::HealthConfig::default()
+        );
+        assert_eq!(
+            node.breaker,
+            moontide_gateway::balance::BreakerConfig::default()
+        );
+        assert!(config.is_failure_status(500) && config.is_failure_status(502));
+        assert!(!config.is_failure_status(404) && !config.is_failure_status(200));
     }
 
     #[test]

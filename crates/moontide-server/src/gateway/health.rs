@@ -236,9 +236,21 @@ pub fn report_health(
 ) {
     let cause = cause_name(transition.cause);
     if transition.healthy {
-        tracing::info!(upstream, node, cause, detail, "upstream node is healthy again");
+        tracing::info!(
+            upstream,
+            node,
+            cause,
+            detail,
+            "upstream node is healthy again"
+        );
     } else {
-        tracing::warn!(upstream, node, cause, detail, "upstream node marked unhealthy");
+        tracing::warn!(
+            upstream,
+            node,
+            cause,
+            detail,
+            "upstream node marked unhealthy"
+        );
     }
     events.health(upstream, node, transition.healthy, cause);
 }
@@ -321,6 +333,73 @@ mod tests {
         }
     }
 
+    fn upstream(
+        nodes: &[&str],
+        active: Option<serde_json::Value>,
+    ) -> super::super::config::UpstreamConfig {
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|a| serde_json::json!({"address": a}))
+            .collect();
+        let mut json = serde_json::json!({"nodes": nodes});
+        if let Some(active) = active {
+            json["health"] = serde_json::json!({"active": active});
+        }
+        let input: super::super::config::UpstreamInput = serde_json::from_value(json).unwrap();
+        let mut errors = Vec::new();
+        let config = input.resolve(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        config
+    }
+
+    fn task(checker: &Checker, address: &str) -> Option<(tokio::task::Id, Arc<NodeState>)> {
+        let probe = checker.upstreams.get("u")?.nodes.get(address)?;
+        Some((probe.task.id(), probe.state.clone()))
+    }
+
+    #[tokio::test]
+    async fn reconcile_starts_keeps_restarts_and_stops_probe_tasks() {
+        let (a, b, c) = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3");
+        let slow = serde_json::json!({"type": "tcp", "interval": "1h"});
+        let mut gateway = Gateway::default();
+        let mut checker = Checker::new(UpstreamEvents::default());
+        gateway.set_upstream("u", Some(upstream(&[a, b], Some(slow.clone()))));
+        gateway.set_upstream("plain", Some(upstream(&[c], None)));
+        checker.reconcile(&gateway);
+        assert_eq!(checker.probes(), 2, "one task per checked node");
+        let (a_task, a_state) = task(&checker, a).unwrap();
+
+        // A new node: a's task and state stay.
+        gateway.set_upstream("u", Some(upstream(&[a, b, c], Some(slow.clone()))));
+        checker.reconcile(&gateway);
+        assert_eq!(checker.probes(), 3);
+        assert_eq!(task(&checker, a).unwrap().0, a_task);
+
+        // Other check settings: a new task on the same node state.
+        let fast = serde_json::json!({"type": "tcp", "interval": "30m"});
+        gateway.set_upstream("u", Some(upstream(&[a, c], Some(fast))));
+        checker.reconcile(&gateway);
+        let (task_now, state_now) = task(&checker, a).unwrap();
+        assert_ne!(task_now, a_task);
+        assert!(Arc::ptr_eq(&state_now, &a_state));
+        assert!(
+            task(&checker, b).is_none(),
+            "a removed node is no longer probed"
+        );
+        assert_eq!(checker.probes(), 2);
+
+        // No active check, then no upstream.
+        gateway.set_upstream("u", Some(upstream(&[a, c], None)));
+        checker.reconcile(&gateway);
+        assert_eq!(checker.probes(), 0);
+        gateway.set_upstream("u", Some(upstream(&[a], Some(slow))));
+        checker.reconcile(&gateway);
+        assert_eq!(checker.probes(), 1);
+        gateway.set_upstream("u", None);
+        checker.reconcile(&gateway);
+        assert_eq!(checker.probes(), 0);
+    }
+
     #[tokio::test]
     async fn tcp_and_http_probes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -337,8 +416,10 @@ mod tests {
                 let status = statuses.next().unwrap();
                 let _ = socket
                     .write_all(
-                        format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                            .as_bytes(),
+                        format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
                     )
                     .await;
             }
