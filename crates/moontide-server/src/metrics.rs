@@ -77,7 +77,9 @@ pub struct HealthEventLabels {
 pub struct BreakerEventLabels {
     pub upstream: String,
     pub node: String,
-    /// `open`, `half_open` or `closed`.
+    /// `open` or `closed`. (`half_open` is reserved: the balancer moves a breaker to
+    /// half-open inside its admission and does not report it; the
+    /// `upstream_node_breaker` gauge and the admin API's `status` show it.)
     pub to: &'static str,
 }
 
