@@ -164,6 +164,7 @@ async fn metrics(State(state): Shared, headers: HeaderMap) -> Response {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .any(|accept| accept.contains("application/openmetrics-text"));
+    crate::gateway::health::export(&state.registry.metrics, &state.registry.snapshot().gateway);
     let openmetrics = state.registry.metrics.encode();
     if wants_openmetrics {
         (

@@ -179,6 +179,8 @@ pub async fn serve(
     }
 
     let builder = tokio::spawn(registry::run_builder(registry.clone(), store.clone()));
+    // Active health checks run here, on the admin runtime, never on data-plane workers.
+    let checker = tokio::spawn(gateway::health::run(registry.clone()));
     let (stop_workers, stopped) = tokio::sync::watch::channel(false);
     let workers = Arc::new(Workers::start(WorkerConfig {
         count: config.workers,
@@ -233,5 +235,6 @@ pub async fn serve(
     let _ = tokio::time::timeout(config.shutdown_grace + Duration::from_secs(1), joined).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
     builder.abort();
+    checker.abort();
     Ok(())
 }

@@ -3,6 +3,11 @@
 //! The request path never looks a metric up by label: each deployed function gets its
 //! handles ([`FunctionMetrics`]) when the snapshot is built, and the data plane only
 //! increments atomics and observes histograms through them.
+//!
+//! Upstream nodes: their health and breaker gauges are set from the serving snapshot when
+//! `/metrics` is scraped (`gateway::health::export`), and transitions are counted as they
+//! happen ([`UpstreamEvents`], rare: a label lookup each). Series of nodes that are no
+//! longer configured are removed at the next scrape.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -48,6 +53,98 @@ pub struct ShedLabels {
     pub function: String,
     /// `queue_full`, `queue_timeout` or `node_full`.
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub upstream: String,
+    /// The node's address.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthEventLabels {
+    pub upstream: String,
+    pub node: String,
+    /// `healthy` or `unhealthy`.
+    pub to: &'static str,
+    /// `active` (checks), `passive` (live traffic) or `cooldown` (re-admitted after
+    /// `health.passive.recovery`).
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerEventLabels {
+    pub upstream: String,
+    pub node: String,
+    /// `open` or `closed`. (`half_open` is reserved: the balancer moves a breaker to
+    /// half-open inside its admission and does not report it; the
+    /// `upstream_node_breaker` gauge and the admin API's `status` show it.)
+    pub to: &'static str,
+}
+
+/// Counters of upstream node transitions (cheap to clone: shared families).
+#[derive(Clone, Default)]
+pub struct UpstreamEvents {
+    health: Family<HealthEventLabels, Counter>,
+    breaker: Family<BreakerEventLabels, Counter>,
+    /// Nodes with a counted transition (so that their series go with them).
+    counted: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<NodeLabels>>>,
+}
+
+impl UpstreamEvents {
+    /// Counts a health transition of `node` of `upstream`.
+    pub fn health(&self, upstream: &str, node: &str, healthy: bool, cause: &'static str) {
+        self.note(upstream, node);
+        self.health
+            .get_or_create(&HealthEventLabels {
+                upstream: upstream.to_string(),
+                node: node.to_string(),
+                to: if healthy { "healthy" } else { "unhealthy" },
+                cause,
+            })
+            .inc();
+    }
+
+    /// Counts a breaker transition of `node` of `upstream`.
+    pub fn breaker(&self, upstream: &str, node: &str, to: &'static str) {
+        self.note(upstream, node);
+        self.breaker
+            .get_or_create(&BreakerEventLabels {
+                upstream: upstream.to_string(),
+                node: node.to_string(),
+                to,
+            })
+            .inc();
+    }
+
+    fn note(&self, upstream: &str, node: &str) {
+        let labels = NodeLabels {
+            upstream: upstream.to_string(),
+            node: node.to_string(),
+        };
+        self.counted.lock().insert(labels);
+    }
+
+    fn forget(&self, labels: &NodeLabels) {
+        for to in ["healthy", "unhealthy"] {
+            for cause in ["active", "passive", "cooldown"] {
+                self.health.remove(&HealthEventLabels {
+                    upstream: labels.upstream.clone(),
+                    node: labels.node.clone(),
+                    to,
+                    cause,
+                });
+            }
+        }
+        for to in ["open", "half_open", "closed"] {
+            self.breaker.remove(&BreakerEventLabels {
+                upstream: labels.upstream.clone(),
+                node: labels.node.clone(),
+                to,
+            });
+        }
+    }
 }
 
 /// Why an instance was created.
@@ -134,6 +231,11 @@ pub struct Metrics {
     queue_wait: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     scale_events: Family<ScaleLabels, Counter>,
     shed: Family<ShedLabels, Counter>,
+    node_healthy: Family<NodeLabels, Gauge>,
+    node_breaker: Family<NodeLabels, Gauge>,
+    upstream_events: UpstreamEvents,
+    /// The upstream nodes whose series were last exported.
+    exported_nodes: parking_lot::Mutex<std::collections::HashSet<NodeLabels>>,
     pub config_revision: Gauge,
     pub functions: Gauge,
     pub node_instances: Gauge,
@@ -160,6 +262,9 @@ impl Metrics {
         let queue_wait = Family::new_with_constructor(queue_wait_histogram as fn() -> Histogram);
         let scale_events = Family::<ScaleLabels, Counter>::default();
         let shed = Family::<ShedLabels, Counter>::default();
+        let node_healthy = Family::<NodeLabels, Gauge>::default();
+        let node_breaker = Family::<NodeLabels, Gauge>::default();
+        let upstream_events = UpstreamEvents::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         let node_instances = Gauge::default();
@@ -262,7 +367,31 @@ impl Metrics {
             config_revision.clone(),
         );
         registry.register("functions", "Functions deployed", functions.clone());
+        registry.register(
+            "upstream_node_healthy",
+            "Whether an upstream node is healthy (1) or ejected by health checks (0)",
+            node_healthy.clone(),
+        );
+        registry.register(
+            "upstream_node_breaker",
+            "An upstream node's circuit breaker: 0 closed, 1 open, 2 half-open",
+            node_breaker.clone(),
+        );
+        registry.register(
+            "upstream_health_transitions",
+            "Upstream nodes marked healthy or unhealthy, by cause",
+            upstream_events.health.clone(),
+        );
+        registry.register(
+            "upstream_breaker_transitions",
+            "Circuit-breaker state changes of upstream nodes",
+            upstream_events.breaker.clone(),
+        );
         Metrics {
+            node_healthy,
+            node_breaker,
+            upstream_events,
+            exported_nodes: parking_lot::Mutex::default(),
             registry,
             requests,
             errors,
@@ -377,6 +506,38 @@ impl Metrics {
                 reason,
             });
         }
+    }
+
+    /// The counters of upstream node transitions.
+    pub fn upstream_events(&self) -> UpstreamEvents {
+        self.upstream_events.clone()
+    }
+
+    /// Sets the gauges of every configured upstream node — `(upstream, node, healthy,
+    /// breaker code)` — and removes every series of nodes not listed.
+    pub fn set_upstream_nodes(&self, nodes: impl Iterator<Item = (String, String, bool, i64)>) {
+        let mut exported = self.exported_nodes.lock();
+        let mut now = std::collections::HashSet::with_capacity(exported.len());
+        for (upstream, node, healthy, breaker) in nodes {
+            let labels = NodeLabels { upstream, node };
+            self.node_healthy
+                .get_or_create(&labels)
+                .set(i64::from(healthy));
+            self.node_breaker.get_or_create(&labels).set(breaker);
+            now.insert(labels);
+        }
+        for gone in exported.difference(&now) {
+            self.node_healthy.remove(gone);
+            self.node_breaker.remove(gone);
+        }
+        self.upstream_events.counted.lock().retain(|labels| {
+            let keep = now.contains(labels);
+            if !keep {
+                self.upstream_events.forget(labels);
+            }
+            keep
+        });
+        *exported = now;
     }
 
     /// The Prometheus text exposition.

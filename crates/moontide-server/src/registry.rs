@@ -124,6 +124,11 @@ impl Registry {
         self.published.borrow().is_some()
     }
 
+    /// A receiver told of every published snapshot (its revision).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Revision>> {
+        self.published.subscribe()
+    }
+
     /// Waits until the serving snapshot has reached `revision` (or `limit` passes).
     pub async fn wait_for(&self, revision: Revision, limit: Duration) -> bool {
         let mut receiver = self.published.subscribe();
@@ -309,6 +314,7 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
     // the store are dropped below.
     let mut gateway = Gateway {
         upstreams: previous.gateway.upstreams.clone(),
+        events: registry.metrics.upstream_events(),
         ..Gateway::default()
     };
     let (upstreams, _) = store.range(records::UPSTREAM_PREFIX).await?;

@@ -72,11 +72,46 @@ pub async fn list_upstreams(State(state): Shared) -> Result<Response, ApiError> 
     list::<UpstreamConfig>(&state, records::UPSTREAM_PREFIX).await
 }
 
+/// `GET /v1/upstreams/{name}`: the stored config and, beside it (read-only, not part of
+/// the config), the serving `status` of each node: `healthy`, `breaker` (`closed`, `open`,
+/// `half_open`) and requests `in_flight`. `status` is absent while the upstream is not
+/// serving (a stored config the node could not build).
 pub async fn get_upstream(
     State(state): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    get_one::<UpstreamConfig>(&state, "upstream", &records::upstream_key(&name), &name).await
+    let key = records::upstream_key(&name);
+    let Some(item) = state.store.get(&key).await? else {
+        return Err(ApiError::not_found("upstream", &name));
+    };
+    let config: UpstreamConfig = serde_json::from_slice(&item.value)
+        .map_err(|e| ApiError::internal(format!("unreadable {key}: {e}")))?;
+    let mut body = json!({"name": name, "config": config, "revision": item.mod_revision});
+    if let Some(upstream) = state
+        .registry
+        .snapshot()
+        .gateway
+        .upstreams
+        .get(name.as_str())
+    {
+        let now = std::time::Instant::now();
+        let nodes: Vec<_> = upstream
+            .balancer
+            .nodes()
+            .iter()
+            .map(|node| {
+                let node_state = node.state();
+                json!({
+                    "address": node.key(),
+                    "healthy": node_state.is_healthy(now),
+                    "breaker": super::health::breaker_name(node_state.breaker_mode()),
+                    "in_flight": node_state.in_flight(),
+                })
+            })
+            .collect();
+        body["status"] = json!({"nodes": nodes});
+    }
+    Ok(json_response(StatusCode::OK, body))
 }
 
 pub async fn put_upstream(

@@ -1,5 +1,6 @@
 //! Gateway objects as clients send them and as they are stored: upstreams (nodes, balancer,
-//! timeouts, retries, keep-alive, Host handling) and routes (matchers and a target).
+//! timeouts, retries, keep-alive, Host handling, health checks, circuit breaker) and routes
+//! (matchers and a target).
 //! Validation reports every problem at once with the JSON path of the field (STYLE.md
 //! rule 7); the stored form is normalised, with every default filled in, so what `GET`
 //! shows is what serves.
@@ -68,7 +69,7 @@ pub struct Node {
 }
 
 /// An upstream as stored and served.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub nodes: Vec<Node>,
@@ -89,12 +90,166 @@ pub struct UpstreamConfig {
     /// Idle connections kept per node on each worker thread.
     pub keepalive_max_idle: u32,
     pub pass_host: PassHost,
+    /// Active and passive health checks (records written before they existed get the
+    /// defaults: passive only).
+    #[serde(default)]
+    pub health: HealthSettings,
+    /// The per-node circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+}
+
+/// Health-check settings as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Probes sent by the node in the background; `None`: no active checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveCheck>,
+    #[serde(default)]
+    pub passive: PassiveHealth,
+}
+
+/// How an active check probes a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// `GET path` over a fresh connection; healthy when the status is expected.
+    Http,
+    /// A TCP connect; healthy when it succeeds.
+    Tcp,
+}
+
+/// An active check as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheck {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Request path (HTTP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `Host` of the probe (HTTP only; default: the node's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub interval_ms: u64,
+    /// Bounds a whole probe (connect, and for HTTP the response's headers).
+    pub timeout_ms: u64,
+    /// Consecutive successes that make an unhealthy node healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy node unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Inclusive status ranges that count as healthy (HTTP only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<[u16; 2]>,
+}
+
+impl ActiveCheck {
+    /// Whether an HTTP probe's `status` counts as healthy.
+    pub fn expects(&self, status: u16) -> bool {
+        self.statuses
+            .iter()
+            .any(|[low, high]| (*low..=*high).contains(&status))
+    }
+}
+
+/// Passive health (outcomes of live requests) as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealth {
+    /// Consecutive failed requests that eject a node; 0 disables passive ejection.
+    pub unhealthy_threshold: u32,
+    /// Without active checks, how long an ejected node stays out.
+    pub recovery_ms: u64,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        Self {
+            unhealthy_threshold: 5,
+            recovery_ms: 10_000,
+        }
+    }
+}
+
+/// Circuit-breaker settings as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open the breaker; 0 disables the rule.
+    pub failures: u32,
+    pub open_ms: u64,
+    /// Cap of the open period, which doubles each time a half-open trial fails.
+    pub max_open_ms: u64,
+    pub half_open_probes: u32,
+    /// Successful trials that close a half-open breaker.
+    pub successes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<RatioSettings>,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_ms: 10_000,
+            max_open_ms: 300_000,
+            half_open_probes: 1,
+            successes: 1,
+            ratio: None,
+        }
+    }
+}
+
+/// The breaker's failure-ratio rule as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatioSettings {
+    /// Share of failed requests (0–1) above which the breaker opens.
+    pub ratio: f64,
+    pub min_requests: u32,
+    pub window_ms: u64,
 }
 
 impl UpstreamConfig {
     /// The per-node settings (health, breaker) the balancer applies to every node.
     pub fn node_config(&self) -> moontide_gateway::balance::NodeConfig {
-        moontide_gateway::balance::NodeConfig::default()
+        use moontide_gateway::balance::{BreakerConfig, FailureRatio, HealthConfig, NodeConfig};
+        let active = self.health.active.as_ref();
+        let defaults = HealthConfig::default();
+        let ms = Duration::from_millis;
+        let breaker = &self.breaker;
+        NodeConfig {
+            health: HealthConfig {
+                healthy_threshold: active
+                    .map_or(defaults.healthy_threshold, |a| a.healthy_threshold),
+                unhealthy_threshold: active
+                    .map_or(defaults.unhealthy_threshold, |a| a.unhealthy_threshold),
+                passive_unhealthy_threshold: self.health.passive.unhealthy_threshold,
+                passive_recovery: ms(self.health.passive.recovery_ms),
+                active_checks: active.is_some(),
+            },
+            breaker: BreakerConfig {
+                failure_threshold: breaker.failures,
+                failure_ratio: breaker.ratio.as_ref().map(|r| FailureRatio {
+                    ratio: r.ratio,
+                    min_requests: r.min_requests,
+                    window: ms(r.window_ms),
+                }),
+                open_for: ms(breaker.open_ms),
+                max_open_for: ms(breaker.max_open_ms),
+                half_open_probes: breaker.half_open_probes,
+                success_threshold: breaker.successes,
+            },
+            ..NodeConfig::default()
+        }
+    }
+
+    /// Whether a response with `status` counts as a failure of its node, for passive
+    /// health and the breaker: any 5xx, and any status listed to be retried (e.g. 429).
+    /// Connect errors, broken connections and timeouts are failures too (see `proxy`).
+    pub fn is_failure_status(&self, status: u16) -> bool {
+        status >= 500 || self.retry_on_statuses.contains(&status)
     }
 }
 
@@ -110,6 +265,57 @@ pub struct UpstreamInput {
     pub keepalive: Option<KeepaliveInput>,
     /// `"pass"`, `"node"`, or any other text: that Host.
     pub host: Option<String>,
+    pub health: Option<HealthInput>,
+    pub breaker: Option<BreakerInput>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthInput {
+    pub active: Option<ActiveCheckInput>,
+    pub passive: Option<PassiveInput>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheckInput {
+    /// `"http"` (default) or `"tcp"`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub interval: Option<DurationInput>,
+    pub timeout: Option<DurationInput>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    /// Statuses as numbers (`200`) or inclusive ranges as text (`"200-399"`).
+    pub statuses: Option<Vec<serde_json::Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveInput {
+    pub unhealthy_threshold: Option<u32>,
+    pub recovery: Option<DurationInput>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerInput {
+    pub failures: Option<u32>,
+    pub open: Option<DurationInput>,
+    pub max_open: Option<DurationInput>,
+    pub half_open_probes: Option<u32>,
+    pub successes: Option<u32>,
+    pub ratio: Option<RatioInput>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatioInput {
+    pub ratio: Option<f64>,
+    pub min_requests: Option<u32>,
+    pub window: Option<DurationInput>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +381,8 @@ impl UpstreamInput {
             keepalive_idle_timeout_ms: 60_000,
             keepalive_max_idle: 64,
             pass_host: PassHost::Pass,
+            health: HealthSettings::default(),
+            breaker: BreakerSettings::default(),
         };
         match &self.nodes {
             None => errors.push(FieldError::new("nodes", "required: at least one node")),
@@ -337,8 +545,273 @@ impl UpstreamInput {
                 }
             };
         }
+        if let Some(health) = &self.health {
+            config.health = resolve_health(health, errors);
+        }
+        if let Some(breaker) = &self.breaker {
+            config.breaker = resolve_breaker(breaker, errors);
+        }
         config
     }
+}
+
+/// Thresholds of health checks and the breaker: 1 to this.
+const MAX_THRESHOLD: u32 = 1_000;
+
+fn threshold(
+    input: Option<u32>,
+    path: &str,
+    allow_zero: bool,
+    target: &mut u32,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(value) = input else { return };
+    let low = u32::from(!allow_zero);
+    if (low..=MAX_THRESHOLD).contains(&value) {
+        *target = value;
+    } else {
+        let zero = if allow_zero { " (0 disables)" } else { "" };
+        errors.push(FieldError::new(
+            path,
+            format!("must be between {low} and {MAX_THRESHOLD}{zero}"),
+        ));
+    }
+}
+
+fn resolve_health(input: &HealthInput, errors: &mut Vec<FieldError>) -> HealthSettings {
+    let mut health = HealthSettings::default();
+    if let Some(active) = &input.active {
+        health.active = Some(resolve_active(active, errors));
+    }
+    if let Some(passive) = &input.passive {
+        threshold(
+            passive.unhealthy_threshold,
+            "health.passive.unhealthy_threshold",
+            true,
+            &mut health.passive.unhealthy_threshold,
+            errors,
+        );
+        duration_field(
+            &passive.recovery,
+            "health.passive.recovery",
+            (Duration::from_millis(100), Duration::from_secs(86_400)),
+            &mut health.passive.recovery_ms,
+            errors,
+        );
+    }
+    health
+}
+
+fn resolve_active(input: &ActiveCheckInput, errors: &mut Vec<FieldError>) -> ActiveCheck {
+    let kind = match input.kind.as_deref() {
+        None | Some("http") => CheckKind::Http,
+        Some("tcp") => CheckKind::Tcp,
+        Some(_) => {
+            errors.push(FieldError::new("health.active.type", "\"http\" or \"tcp\""));
+            CheckKind::Http
+        }
+    };
+    let mut check = ActiveCheck {
+        kind,
+        path: None,
+        host: None,
+        interval_ms: 2_000,
+        timeout_ms: 1_000,
+        healthy_threshold: 2,
+        unhealthy_threshold: 3,
+        statuses: Vec::new(),
+    };
+    if kind == CheckKind::Http {
+        let path = input.path.clone().unwrap_or_else(|| "/healthz".into());
+        let valid = path.starts_with('/')
+            && path
+                .parse::<http::uri::PathAndQuery>()
+                .is_ok_and(|p| p.as_str() == path);
+        if !valid {
+            errors.push(FieldError::new(
+                "health.active.path",
+                "a request path starting with '/' (a query may follow)",
+            ));
+        }
+        check.path = Some(path);
+        if let Some(host) = &input.host {
+            if host.is_empty() || http::HeaderValue::from_str(host).is_err() {
+                errors.push(FieldError::new(
+                    "health.active.host",
+                    "a valid Host header value",
+                ));
+            } else {
+                check.host = Some(host.clone());
+            }
+        }
+        check.statuses = match &input.statuses {
+            None => vec![[200, 399]],
+            Some(list) if list.is_empty() => {
+                errors.push(FieldError::new(
+                    "health.active.statuses",
+                    "must list at least one status",
+                ));
+                Vec::new()
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let range = status_range(item);
+                    if range.is_none() {
+                        errors.push(FieldError::new(
+                            format!("health.active.statuses[{i}]"),
+                            "a status 100-599 or a range as text (\"200-399\")",
+                        ));
+                    }
+                    range
+                })
+                .collect(),
+        };
+    } else {
+        for (field, given) in [
+            ("path", input.path.is_some()),
+            ("host", input.host.is_some()),
+            ("statuses", input.statuses.is_some()),
+        ] {
+            if given {
+                errors.push(FieldError::new(
+                    format!("health.active.{field}"),
+                    "only for http checks",
+                ));
+            }
+        }
+    }
+    duration_field(
+        &input.interval,
+        "health.active.interval",
+        (Duration::from_millis(10), Duration::from_secs(3_600)),
+        &mut check.interval_ms,
+        errors,
+    );
+    duration_field(
+        &input.timeout,
+        "health.active.timeout",
+        (Duration::from_millis(1), Duration::from_secs(600)),
+        &mut check.timeout_ms,
+        errors,
+    );
+    threshold(
+        input.healthy_threshold,
+        "health.active.healthy_threshold",
+        false,
+        &mut check.healthy_threshold,
+        errors,
+    );
+    threshold(
+        input.unhealthy_threshold,
+        "health.active.unhealthy_threshold",
+        false,
+        &mut check.unhealthy_threshold,
+        errors,
+    );
+    check
+}
+
+/// `200`, `"200"` or `"200-399"` → an inclusive range within 100..=599.
+fn status_range(item: &serde_json::Value) -> Option<[u16; 2]> {
+    let (low, high) = match item {
+        serde_json::Value::Number(n) => {
+            let status = u16::try_from(n.as_u64()?).ok()?;
+            (status, status)
+        }
+        serde_json::Value::String(text) => match text.split_once('-') {
+            Some((low, high)) => (low.trim().parse().ok()?, high.trim().parse().ok()?),
+            None => {
+                let status = text.trim().parse().ok()?;
+                (status, status)
+            }
+        },
+        _ => return None,
+    };
+    ((100..=599).contains(&low) && (low..=599).contains(&high)).then_some([low, high])
+}
+
+fn resolve_breaker(input: &BreakerInput, errors: &mut Vec<FieldError>) -> BreakerSettings {
+    let mut breaker = BreakerSettings::default();
+    threshold(
+        input.failures,
+        "breaker.failures",
+        true,
+        &mut breaker.failures,
+        errors,
+    );
+    let range = (Duration::from_millis(1), Duration::from_secs(86_400));
+    duration_field(
+        &input.open,
+        "breaker.open",
+        range,
+        &mut breaker.open_ms,
+        errors,
+    );
+    duration_field(
+        &input.max_open,
+        "breaker.max_open",
+        range,
+        &mut breaker.max_open_ms,
+        errors,
+    );
+    if input.max_open.is_some() && breaker.max_open_ms < breaker.open_ms {
+        errors.push(FieldError::new(
+            "breaker.max_open",
+            "must not be shorter than open",
+        ));
+    } else {
+        // Only `open` given, longer than the default cap: the cap follows.
+        breaker.max_open_ms = breaker.max_open_ms.max(breaker.open_ms);
+    }
+    threshold(
+        input.half_open_probes,
+        "breaker.half_open_probes",
+        false,
+        &mut breaker.half_open_probes,
+        errors,
+    );
+    threshold(
+        input.successes,
+        "breaker.successes",
+        false,
+        &mut breaker.successes,
+        errors,
+    );
+    if let Some(ratio) = &input.ratio {
+        let mut rule = RatioSettings {
+            ratio: 0.5,
+            min_requests: 20,
+            window_ms: 10_000,
+        };
+        if let Some(value) = ratio.ratio {
+            if value > 0.0 && value < 1.0 {
+                rule.ratio = value;
+            } else {
+                errors.push(FieldError::new(
+                    "breaker.ratio.ratio",
+                    "a share of failures between 0 and 1 (exclusive)",
+                ));
+            }
+        }
+        threshold(
+            ratio.min_requests,
+            "breaker.ratio.min_requests",
+            false,
+            &mut rule.min_requests,
+            errors,
+        );
+        duration_field(
+            &ratio.window,
+            "breaker.ratio.window",
+            (Duration::from_millis(100), Duration::from_secs(3_600)),
+            &mut rule.window_ms,
+            errors,
+        );
+        breaker.ratio = Some(rule);
+    }
+    breaker
 }
 
 fn resolve_hash_on(input: &HashOnInput, errors: &mut Vec<FieldError>) -> Option<HashOn> {
@@ -687,6 +1160,72 @@ mod tests {
                 .unwrap_err(),
             ["hash_on"]
         );
+    }
+
+    #[test]
+    fn health_and_breaker_settings_map_to_node_config() {
+        let config = upstream(serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080"}],
+            "health": {"active": {"type": "tcp", "interval": "500ms", "healthy_threshold": 4},
+                       "passive": {"unhealthy_threshold": 0, "recovery": "3s"}},
+            "breaker": {"failures": 7, "open": "10m", "successes": 2,
+                        "ratio": {"ratio": 0.25, "window": "5s"}}
+        }))
+        .unwrap();
+        let active = config.health.active.as_ref().unwrap();
+        assert_eq!(active.kind, CheckKind::Tcp);
+        assert_eq!((active.path.as_deref(), active.statuses.len()), (None, 0));
+        assert_eq!(active.interval_ms, 500);
+        let node = config.node_config();
+        assert!(node.health.active_checks);
+        assert_eq!(node.health.healthy_threshold, 4);
+        assert_eq!(node.health.unhealthy_threshold, 3);
+        assert_eq!(node.health.passive_unhealthy_threshold, 0);
+        assert_eq!(node.health.passive_recovery, Duration::from_secs(3));
+        assert_eq!(node.breaker.failure_threshold, 7);
+        assert_eq!(node.breaker.open_for, Duration::from_secs(600));
+        // Only `open` given, longer than the default cap: the cap follows.
+        assert_eq!(node.breaker.max_open_for, Duration::from_secs(600));
+        assert_eq!(node.breaker.success_threshold, 2);
+        let ratio = node.breaker.failure_ratio.unwrap();
+        assert_eq!((ratio.ratio, ratio.min_requests), (0.25, 20));
+        assert_eq!(ratio.window, Duration::from_secs(5));
+
+        let http = upstream(serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080"}],
+            "health": {"active": {"path": "/ready?full=1", "statuses": [204, "300-302"]}}
+        }))
+        .unwrap();
+        let active = http.health.active.unwrap();
+        assert_eq!(active.path.as_deref(), Some("/ready?full=1"));
+        assert!(active.expects(204) && active.expects(301));
+        assert!(!active.expects(200) && !active.expects(303));
+    }
+
+    #[test]
+    fn records_stored_before_health_settings_still_parse() {
+        let old = serde_json::json!({
+            "nodes": [{"address": "127.0.0.1:8080", "weight": 1}], "balancer": "round_robin",
+            "connect_timeout_ms": 1000, "send_timeout_ms": 60000, "read_timeout_ms": 60000,
+            "retries": 1, "retry_on": ["error", "timeout"], "retry_on_statuses": [502, 503, 504],
+            "retry_non_idempotent": false, "keepalive_idle_timeout_ms": 60000,
+            "keepalive_max_idle": 64, "pass_host": "pass"
+        });
+        let config: UpstreamConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(config.health, HealthSettings::default());
+        assert_eq!(config.breaker, BreakerSettings::default());
+        let node = config.node_config();
+        assert!(!node.health.active_checks);
+        assert_eq!(
+            node.health,
+            moontide_gateway::balance::HealthConfig::default()
+        );
+        assert_eq!(
+            node.breaker,
+            moontide_gateway::balance::BreakerConfig::default()
+        );
+        assert!(config.is_failure_status(500) && config.is_failure_status(502));
+        assert!(!config.is_failure_status(404) && !config.is_failure_status(200));
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //! upstreams by name. A store change touches only the route or upstream it names: the
 //! builder clones the current router, inserts or removes one route and publishes; an
 //! upstream whose stored config did not change is kept as it is, with its node state.
+//!
+//! `health` runs the active health checks (background tasks on the admin runtime,
+//! reconciled with each snapshot) and reports node transitions (logs, metrics).
 
 pub mod admin;
 pub mod config;
+pub mod health;
 pub mod proxy;
 
 use std::sync::Arc;
@@ -34,6 +38,8 @@ pub struct Route {
 pub struct Gateway {
     pub router: Router<Arc<Route>>,
     pub upstreams: imbl::HashMap<Arc<str>, Arc<Upstream>>,
+    /// Where upstreams count their nodes' transitions.
+    pub events: crate::metrics::UpstreamEvents,
 }
 
 /// Turns a stored route into the router's spec, reporting problems with the paths of the
@@ -155,6 +161,7 @@ impl Gateway {
             name: name.clone(),
             config,
             balancer,
+            events: self.events.clone(),
         };
         self.upstreams.insert(name, Arc::new(upstream));
     }

@@ -23,6 +23,12 @@
 //!   `Upgrade` and `Connection: upgrade`; when the node answers `101`, the data plane
 //!   takes both upgraded connections and copies bytes both ways until either side closes
 //!   (no idle timeout: a WebSocket may be quiet for long; its own pings keep it honest).
+//! - **Failures** (what passive health and the circuit breaker count against a node): a
+//!   failed connect, a connection that broke before the response's headers, a timeout,
+//!   and a response whose status is 5xx or listed in `retries.on` (e.g. 429)
+//!   ([`UpstreamConfig::is_failure_status`]). Everything else is a success, 4xx included.
+//!   A request that ends without an outcome (the client went away) counts neither way.
+//!   No node to pick — every breaker open, or every node tried — answers `503`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -47,6 +53,19 @@ pub struct Upstream {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
     pub balancer: balance::Upstream,
+    /// Counters of node transitions.
+    pub events: crate::metrics::UpstreamEvents,
+}
+
+impl Upstream {
+    /// Ends a request on a node with its outcome (`ok`: see the module doc for what
+    /// counts as a failure), reporting the health or breaker transitions it caused.
+    fn finish(&self, in_flight: balance::InFlight, address: &str, ok: bool) {
+        let transitions = in_flight.finish(ok, Instant::now());
+        if transitions != balance::Transitions::default() {
+            super::health::report(&self.events, &self.name, address, transitions);
+        }
+    }
 }
 
 /// Why no response came from the upstream.
@@ -254,7 +273,7 @@ impl LocalUpstreams {
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let retry_status = config.retry_on_statuses.contains(&status);
-                    in_flight.finish(!retry_status && status < 500, Instant::now());
+                    upstream.finish(in_flight, address, !config.is_failure_status(status));
                     if retry_status && may_retry && more {
                         last = ProxyError::Failed {
                             node: Arc::from(address),
@@ -274,7 +293,7 @@ impl LocalUpstreams {
                     return Ok(response);
                 }
                 Ok(Err(error)) => {
-                    in_flight.finish(false, Instant::now());
+                    upstream.finish(in_flight, address, false);
                     // A failed connect never sent the request: always safe to retry.
                     let retry = config.retry_on.contains(&RetryOn::Error)
                         && (error.is_connect() || may_retry);
@@ -287,7 +306,7 @@ impl LocalUpstreams {
                     }
                 }
                 Err(_) => {
-                    in_flight.finish(false, Instant::now());
+                    upstream.finish(in_flight, address, false);
                     last = ProxyError::TimedOut {
                         node: Arc::from(address),
                     };
