@@ -318,10 +318,24 @@ async fn bad_routes_and_upstreams_are_refused_with_field_paths() {
         .admin_json(reqwest::Method::GET, "/v1/routes", None)
         .await;
     assert_eq!(status, 200);
+    let shown = &body["items"][0]["config"];
+    assert_eq!(shown["upstream"], "u", "{body}");
+    assert_eq!(shown["paths"], json!(["/r"]), "{body}");
+
+    // What GET shows is the PUT shape with every default filled in: it goes back as is.
+    let (_, upstream) = node
+        .admin_json(reqwest::Method::GET, "/v1/upstreams/u", None)
+        .await;
     assert_eq!(
-        body["items"][0]["config"]["target"],
-        json!({"upstream": "u"})
+        upstream["config"]["timeouts"]["connect"], 1000,
+        "{upstream}"
     );
+    let (status, again) = put(&node, "/v1/upstreams/u", upstream["config"].clone()).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["config"], upstream["config"]);
+    let (status, again) = put(&node, "/v1/routes/r", shown.clone()).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(&again["config"], shown);
 }
 
 /// A WebSocket backend that echoes every message, prefixed with its id.

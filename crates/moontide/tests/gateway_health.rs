@@ -519,7 +519,7 @@ async fn health_and_breaker_settings_are_validated_with_field_paths() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(paths_of(&body), ["breaker.failures"]);
 
-    // The stored form has every default filled in.
+    // What the API shows has every default filled in, in the PUT shape.
     let (status, body) = put(
         &node,
         "/v1/upstreams/good",
@@ -529,14 +529,14 @@ async fn health_and_breaker_settings_are_validated_with_field_paths() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(
         body["config"]["health"],
-        json!({"active": {"type": "http", "path": "/healthz", "interval_ms": 2000,
-                          "timeout_ms": 1000, "healthy_threshold": 2,
-                          "unhealthy_threshold": 3, "statuses": [[200, 399]]},
-               "passive": {"unhealthy_threshold": 5, "recovery_ms": 10000}})
+        json!({"active": {"type": "http", "path": "/healthz", "interval": 2000,
+                          "timeout": 1000, "healthy_threshold": 2,
+                          "unhealthy_threshold": 3, "statuses": ["200-399"]},
+               "passive": {"unhealthy_threshold": 5, "recovery": 10000}})
     );
     assert_eq!(
         body["config"]["breaker"],
-        json!({"failures": 5, "open_ms": 10000, "max_open_ms": 300000,
+        json!({"failures": 5, "open": 10000, "max_open": 300000,
                "half_open_probes": 1, "successes": 1})
     );
 }

@@ -30,10 +30,25 @@ fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
     })
 }
 
-async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
-    state: &AdminState,
-    prefix: &str,
-) -> Result<Response, ApiError> {
+/// How a stored object is shown: in the shape its `PUT` takes, so that what a `GET`
+/// returns can be edited and written back.
+pub trait Shown: serde::de::DeserializeOwned {
+    fn shown(&self) -> serde_json::Value;
+}
+
+impl Shown for UpstreamConfig {
+    fn shown(&self) -> serde_json::Value {
+        self.to_input()
+    }
+}
+
+impl Shown for RouteConfig {
+    fn shown(&self) -> serde_json::Value {
+        self.to_input()
+    }
+}
+
+async fn list<T: Shown>(state: &AdminState, prefix: &str) -> Result<Response, ApiError> {
     let (items, revision) = state.store.range(prefix).await?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -41,7 +56,7 @@ async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
             .map_err(|e| ApiError::internal(format!("unreadable {}: {e}", item.key)))?;
         out.push(json!({
             "name": &item.key[prefix.len()..],
-            "config": config,
+            "config": config.shown(),
             "revision": item.mod_revision,
         }));
     }
@@ -51,7 +66,7 @@ async fn list<T: serde::de::DeserializeOwned + serde::Serialize>(
     ))
 }
 
-async fn get_one<T: serde::de::DeserializeOwned + serde::Serialize>(
+async fn get_one<T: Shown>(
     state: &AdminState,
     kind: &str,
     key: &str,
@@ -64,7 +79,7 @@ async fn get_one<T: serde::de::DeserializeOwned + serde::Serialize>(
         .map_err(|e| ApiError::internal(format!("unreadable {key}: {e}")))?;
     Ok(json_response(
         StatusCode::OK,
-        json!({"name": name, "config": config, "revision": item.mod_revision}),
+        json!({"name": name, "config": config.shown(), "revision": item.mod_revision}),
     ))
 }
 
@@ -86,7 +101,8 @@ pub async fn get_upstream(
     };
     let config: UpstreamConfig = serde_json::from_slice(&item.value)
         .map_err(|e| ApiError::internal(format!("unreadable {key}: {e}")))?;
-    let mut body = json!({"name": name, "config": config, "revision": item.mod_revision});
+    let mut body =
+        json!({"name": name, "config": config.to_input(), "revision": item.mod_revision});
     if let Some(upstream) = state
         .registry
         .snapshot()
@@ -141,7 +157,7 @@ pub async fn put_upstream(
     };
     Ok(json_response(
         status,
-        json!({"name": name, "config": config, "revision": outcome.revision}),
+        json!({"name": name, "config": config.shown(), "revision": outcome.revision}),
     ))
 }
 
@@ -259,7 +275,7 @@ pub async fn put_route(
     };
     Ok(json_response(
         status,
-        json!({"name": name, "config": config, "revision": outcome.revision}),
+        json!({"name": name, "config": config.shown(), "revision": outcome.revision}),
     ))
 }
 

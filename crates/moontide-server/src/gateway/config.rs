@@ -253,6 +253,103 @@ impl UpstreamConfig {
     }
 }
 
+impl UpstreamConfig {
+    /// This config in the shape `PUT /v1/upstreams/{name}` takes, every default spelled
+    /// out (durations in milliseconds): what `GET` shows, so that a read can be edited and
+    /// written back, and `resolve` of it gives this config again.
+    pub fn to_input(&self) -> serde_json::Value {
+        use serde_json::json;
+        let hash_on = self.hash_on.as_ref().map(|on| match on {
+            HashOn::Header(name) => json!({"header": name}),
+            HashOn::Cookie(name) => json!({"cookie": name}),
+            HashOn::Query(name) => json!({"query": name}),
+            HashOn::ClientIp => json!({"client_ip": true}),
+            HashOn::Uri => json!({"uri": true}),
+        });
+        let retry_on: Vec<serde_json::Value> = self
+            .retry_on
+            .iter()
+            .map(|on| json!(on))
+            .chain(self.retry_on_statuses.iter().map(|status| json!(status)))
+            .collect();
+        let host = match &self.pass_host {
+            PassHost::Pass => "pass".to_string(),
+            PassHost::Node => "node".to_string(),
+            PassHost::Rewrite(host) => host.clone(),
+        };
+        let active = self.health.active.as_ref().map(|check| {
+            let mut active = json!({
+                "type": check.kind,
+                "interval": check.interval_ms,
+                "timeout": check.timeout_ms,
+                "healthy_threshold": check.healthy_threshold,
+                "unhealthy_threshold": check.unhealthy_threshold,
+            });
+            if let Some(path) = &check.path {
+                active["path"] = json!(path);
+            }
+            if let Some(host) = &check.host {
+                active["host"] = json!(host);
+            }
+            if check.kind == CheckKind::Http {
+                active["statuses"] = check
+                    .statuses
+                    .iter()
+                    .map(|[low, high]| json!(format!("{low}-{high}")))
+                    .collect();
+            }
+            active
+        });
+        let mut health = json!({"passive": {
+            "unhealthy_threshold": self.health.passive.unhealthy_threshold,
+            "recovery": self.health.passive.recovery_ms,
+        }});
+        if let Some(active) = active {
+            health["active"] = active;
+        }
+        let breaker = &self.breaker;
+        let mut breaker_input = json!({
+            "failures": breaker.failures,
+            "open": breaker.open_ms,
+            "max_open": breaker.max_open_ms,
+            "half_open_probes": breaker.half_open_probes,
+            "successes": breaker.successes,
+        });
+        if let Some(ratio) = &breaker.ratio {
+            breaker_input["ratio"] = json!({
+                "ratio": ratio.ratio,
+                "min_requests": ratio.min_requests,
+                "window": ratio.window_ms,
+            });
+        }
+        let mut input = json!({
+            "nodes": self.nodes,
+            "balancer": self.balancer,
+            "timeouts": {
+                "connect": self.connect_timeout_ms,
+                "send": self.send_timeout_ms,
+                "read": self.read_timeout_ms,
+            },
+            "retries": {
+                "attempts": self.retries,
+                "on": retry_on,
+                "non_idempotent": self.retry_non_idempotent,
+            },
+            "keepalive": {
+                "idle_timeout": self.keepalive_idle_timeout_ms,
+                "max_idle": self.keepalive_max_idle,
+            },
+            "host": host,
+            "health": health,
+            "breaker": breaker_input,
+        });
+        if let Some(hash_on) = hash_on {
+            input["hash_on"] = hash_on;
+        }
+        input
+    }
+}
+
 /// `PUT /v1/upstreams/{name}`: every field but `nodes` optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -927,6 +1024,39 @@ pub struct RouteConfig {
     pub target: RouteTarget,
 }
 
+impl RouteConfig {
+    /// This route in the shape `PUT /v1/routes/{name}` takes (what `GET` shows).
+    pub fn to_input(&self) -> serde_json::Value {
+        use serde_json::json;
+        let matchers = |map: &BTreeMap<String, ValueMatchConfig>| -> serde_json::Value {
+            map.iter()
+                .map(|(name, rule)| {
+                    let rule = match rule {
+                        ValueMatchConfig::Exact(value) => json!(value),
+                        ValueMatchConfig::Prefix(prefix) => json!({"prefix": prefix}),
+                        ValueMatchConfig::Present => json!({"present": true}),
+                    };
+                    (name.clone(), rule)
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let mut input = json!({
+            "hosts": self.hosts,
+            "paths": self.paths,
+            "methods": self.methods,
+            "headers": matchers(&self.headers),
+            "query": matchers(&self.query),
+            "priority": self.priority,
+        });
+        match &self.target {
+            RouteTarget::Function(name) => input["function"] = json!(name),
+            RouteTarget::Upstream(name) => input["upstream"] = json!(name),
+        }
+        input
+    }
+}
+
 /// A header or query matcher as sent: a string is an exact value; or
 /// `{"prefix": "..."}`, `{"present": true}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -1103,6 +1233,58 @@ mod tests {
             Ok(config)
         } else {
             Err(errors.into_iter().map(|e| e.path).collect())
+        }
+    }
+
+    #[test]
+    fn a_route_shown_can_be_put_back_unchanged() {
+        use serde_json::json;
+        for input in [
+            json!({"path": "/a", "function": "f"}),
+            json!({"hosts": ["*.example.com"], "paths": ["/u/:id", "/v/*"], "methods": ["GET"],
+                   "headers": {"x-a": "1", "x-b": {"prefix": "v"}, "x-c": {"present": true}},
+                   "query": {"q": "1"}, "priority": -3, "upstream": "u"}),
+        ] {
+            let parse = |value: serde_json::Value| {
+                let input: RouteInput = serde_json::from_value(value).unwrap();
+                let mut errors = Vec::new();
+                let config = input.resolve(&mut errors);
+                assert!(errors.is_empty(), "{errors:?}");
+                config
+            };
+            let config = parse(input);
+            assert_eq!(parse(config.to_input()), config);
+        }
+    }
+
+    #[test]
+    fn what_get_shows_can_be_put_back_unchanged() {
+        use serde_json::json;
+        let inputs = [
+            json!({"nodes": [{"address": "127.0.0.1:8080"}]}),
+            json!({"nodes": [{"address": "a.example:80", "weight": 3}, {"address": "127.0.0.1:81"}],
+                   "balancer": "chash", "hash_on": {"cookie": "sid"},
+                   "timeouts": {"connect": "2s", "read": "250ms"},
+                   "retries": {"attempts": 2, "on": ["error", 429], "non_idempotent": true},
+                   "keepalive": {"idle_timeout": "5s", "max_idle": 8}, "host": "node",
+                   "health": {"active": {"type": "http", "path": "/healthz", "host": "h.example",
+                                         "interval": "1s", "statuses": [200, "300-302"]},
+                              "passive": {"unhealthy_threshold": 0}},
+                   "breaker": {"failures": 3, "open": "1s",
+                               "ratio": {"ratio": 0.25, "min_requests": 5, "window": "3s"}}}),
+            json!({"nodes": [{"address": "127.0.0.1:8080"}], "balancer": "chash",
+                   "hash_on": {"client_ip": true}, "host": "api.example",
+                   "health": {"active": {"type": "tcp"}}}),
+            json!({"nodes": [{"address": "127.0.0.1:8080"}], "balancer": "chash",
+                   "hash_on": {"uri": true}}),
+            json!({"nodes": [{"address": "127.0.0.1:8080"}], "balancer": "least_conn"}),
+            json!({"nodes": [{"address": "127.0.0.1:8080"}], "balancer": "ewma"}),
+        ];
+        for input in inputs {
+            let config = upstream(input.clone()).unwrap();
+            let shown = config.to_input();
+            let again = upstream(shown.clone()).unwrap_or_else(|e| panic!("{shown}: {e:?}"));
+            assert_eq!(again, config, "{input} → {shown}");
         }
     }
 
