@@ -56,6 +56,22 @@ pub struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub upstream: String,
+    pub node: String,
+    /// `ok`, `failed_status` (5xx or a status listed in `retries.on`), `error` (connect
+    /// failed or the connection broke), `timeout`.
+    pub outcome: &'static str,
+}
+
+/// The outcomes of one attempt on an upstream node, in [`AttemptCounters`] order.
+pub const ATTEMPT_OUTCOMES: [&str; 4] = ["ok", "failed_status", "error", "timeout"];
+
+/// One node's attempt counters, resolved when its upstream is built (the proxy then
+/// only increments): indexed like [`ATTEMPT_OUTCOMES`].
+pub type AttemptCounters = [Counter; 4];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
     pub upstream: String,
     /// The node's address.
@@ -88,6 +104,7 @@ pub struct BreakerEventLabels {
 pub struct UpstreamEvents {
     health: Family<HealthEventLabels, Counter>,
     breaker: Family<BreakerEventLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
     /// Nodes with a counted transition (so that their series go with them).
     counted: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<NodeLabels>>>,
 }
@@ -118,6 +135,20 @@ impl UpstreamEvents {
             .inc();
     }
 
+    /// The attempt counters of `node` of `upstream`, to keep beside the node.
+    pub fn attempt_counters(&self, upstream: &str, node: &str) -> AttemptCounters {
+        self.note(upstream, node);
+        ATTEMPT_OUTCOMES.map(|outcome| {
+            self.attempts
+                .get_or_create(&AttemptLabels {
+                    upstream: upstream.to_string(),
+                    node: node.to_string(),
+                    outcome,
+                })
+                .clone()
+        })
+    }
+
     fn note(&self, upstream: &str, node: &str) {
         let labels = NodeLabels {
             upstream: upstream.to_string(),
@@ -136,6 +167,13 @@ impl UpstreamEvents {
                     cause,
                 });
             }
+        }
+        for outcome in ATTEMPT_OUTCOMES {
+            self.attempts.remove(&AttemptLabels {
+                upstream: labels.upstream.clone(),
+                node: labels.node.clone(),
+                outcome,
+            });
         }
         for to in ["open", "half_open", "closed"] {
             self.breaker.remove(&BreakerEventLabels {
@@ -386,6 +424,11 @@ impl Metrics {
             "upstream_breaker_transitions",
             "Circuit-breaker state changes of upstream nodes",
             upstream_events.breaker.clone(),
+        );
+        registry.register(
+            "upstream_attempts",
+            "Attempts to send a request to an upstream node (retries included), by outcome",
+            upstream_events.attempts.clone(),
         );
         Metrics {
             node_healthy,

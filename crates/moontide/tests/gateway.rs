@@ -145,6 +145,20 @@ async fn retries_hide_a_dead_node_and_the_proxy_sets_forwarding_headers() {
         assert_eq!(body["x_forwarded_host"], "shop.example");
     }
 
+    // Every attempt is counted per node and outcome: 40 answers from the live node, and
+    // the dead node's 5 connect errors before passive health ejected it.
+    let metrics = node.metrics().await;
+    let attempts = |address: &SocketAddr, outcome: &str| {
+        common::metric_value(
+            &metrics,
+            &format!(
+                r#"moontide_upstream_attempts_total{{upstream="api",node="{address}",outcome="{outcome}"}}"#
+            ),
+        )
+    };
+    assert_eq!(attempts(&live, "ok"), 40.0, "{metrics}");
+    assert_eq!(attempts(&dead, "error"), 5.0, "{metrics}");
+
     // Passive health: the dead node failed live traffic five times in a row above, so it
     // is out now, and even without retries nothing fails.
     put(

@@ -156,12 +156,18 @@ impl Gateway {
                 return;
             }
         };
+        let attempts = balancer
+            .nodes()
+            .iter()
+            .map(|node| self.events.attempt_counters(name, node.key()))
+            .collect();
         let name: Arc<str> = Arc::from(name);
         let upstream = Upstream {
             name: name.clone(),
             config,
             balancer,
             events: self.events.clone(),
+            attempts,
         };
         self.upstreams.insert(name, Arc::new(upstream));
     }

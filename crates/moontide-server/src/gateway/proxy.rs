@@ -46,6 +46,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use moontide_gateway::balance::{self, NodeSet};
 
 use super::config::{HashOn, PassHost, RetryOn, UpstreamConfig};
+use crate::metrics::AttemptCounters;
 
 /// An upstream ready to serve: its config and the balancer over its nodes (whose shared
 /// state — health, breaker, load — is kept per address across edits).
@@ -55,13 +56,29 @@ pub struct Upstream {
     pub balancer: balance::Upstream,
     /// Counters of node transitions.
     pub events: crate::metrics::UpstreamEvents,
+    /// Attempt counters per node, indexed like `balancer.nodes()`.
+    pub attempts: Vec<AttemptCounters>,
+}
+
+/// How one attempt on a node ended (indexes `metrics::ATTEMPT_OUTCOMES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Ok = 0,
+    FailedStatus = 1,
+    Error = 2,
+    Timeout = 3,
 }
 
 impl Upstream {
-    /// Ends a request on a node with its outcome (`ok`: see the module doc for what
-    /// counts as a failure), reporting the health or breaker transitions it caused.
-    fn finish(&self, in_flight: balance::InFlight, address: &str, ok: bool) {
-        let transitions = in_flight.finish(ok, Instant::now());
+    /// Ends a request on node `index` with its outcome (see the module doc for what
+    /// counts as a failure), counting it and reporting the health or breaker transitions
+    /// it caused.
+    fn finish(&self, in_flight: balance::InFlight, index: usize, attempt: Attempt) {
+        if let Some(counters) = self.attempts.get(index) {
+            counters[attempt as usize].inc();
+        }
+        let address = self.balancer.nodes()[index].key();
+        let transitions = in_flight.finish(attempt == Attempt::Ok, Instant::now());
         if transitions != balance::Transitions::default() {
             super::health::report(&self.events, &self.name, address, transitions);
         }
@@ -273,7 +290,12 @@ impl LocalUpstreams {
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let retry_status = config.retry_on_statuses.contains(&status);
-                    upstream.finish(in_flight, address, !config.is_failure_status(status));
+                    let attempt = if config.is_failure_status(status) {
+                        Attempt::FailedStatus
+                    } else {
+                        Attempt::Ok
+                    };
+                    upstream.finish(in_flight, pick.index, attempt);
                     if retry_status && may_retry && more {
                         last = ProxyError::Failed {
                             node: Arc::from(address),
@@ -293,7 +315,7 @@ impl LocalUpstreams {
                     return Ok(response);
                 }
                 Ok(Err(error)) => {
-                    upstream.finish(in_flight, address, false);
+                    upstream.finish(in_flight, pick.index, Attempt::Error);
                     // A failed connect never sent the request: always safe to retry.
                     let retry = config.retry_on.contains(&RetryOn::Error)
                         && (error.is_connect() || may_retry);
@@ -306,7 +328,7 @@ impl LocalUpstreams {
                     }
                 }
                 Err(_) => {
-                    upstream.finish(in_flight, address, false);
+                    upstream.finish(in_flight, pick.index, Attempt::Timeout);
                     last = ProxyError::TimedOut {
                         node: Arc::from(address),
                     };
