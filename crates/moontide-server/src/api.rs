@@ -38,6 +38,38 @@ pub struct DeployRequest {
     pub config: FunctionConfigInput,
 }
 
+/// `PUT /v1/plugins/{name}`: a plugin's Lua source and the limits of its instances (the
+/// fields of a function's config, but `route`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginInput {
+    pub source: Option<String>,
+    #[serde(default)]
+    pub config: FunctionConfigInput,
+}
+
+/// Requests one plugin instance serves at once unless its config says otherwise: a
+/// request holds its share from its first phase to its log phase, mostly waiting on the
+/// target, so one instance should serve many.
+pub const PLUGIN_DEFAULT_CONCURRENCY: u32 = 100;
+
+impl PluginInput {
+    /// Validates the config (paths under `config.`) with plugin defaults.
+    pub fn resolve_config(&self, errors: &mut Vec<FieldError>) -> FunctionConfig {
+        let mut config = self.config.resolve("config.", errors);
+        if self.config.concurrency.is_none() {
+            config.concurrency = PLUGIN_DEFAULT_CONCURRENCY;
+        }
+        if self.config.route.is_some() {
+            errors.push(FieldError::new(
+                "config.route",
+                "a plugin has no route of its own: list it in a route's plugins",
+            ));
+        }
+        config
+    }
+}
+
 /// A duration given as text (`"5s"`, `"250ms"`, `"2m"`) or as whole milliseconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
