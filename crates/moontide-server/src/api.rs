@@ -563,6 +563,27 @@ mod tests {
     }
 
     #[test]
+    fn plugins_default_to_sharing_instances_and_have_no_route() {
+        let input: PluginInput = serde_json::from_value(serde_json::json!({
+            "source": "return {}", "config": {"timeout": "1s"}
+        }))
+        .unwrap();
+        let mut errors = Vec::new();
+        let config = input.resolve_config(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.concurrency, PLUGIN_DEFAULT_CONCURRENCY);
+        assert_eq!(config.timeout_ms, 1000);
+        let input: PluginInput = serde_json::from_value(serde_json::json!({
+            "source": "return {}", "config": {"concurrency": 2, "route": "/x", "memory": "1KiB"}
+        }))
+        .unwrap();
+        let config = input.resolve_config(&mut errors);
+        assert_eq!(config.concurrency, 2);
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["config.memory", "config.route"]);
+    }
+
+    #[test]
     fn function_names() {
         assert!(validate_function_name("greeting").is_ok());
         assert!(validate_function_name("my-fn_2").is_ok());

@@ -771,19 +771,25 @@ impl Worker {
         Some((function, "/{proxy+}", proxy))
     }
 
-    /// Brings functions with a `min` back to it (see `LocalPools::keep_warm`).
+    /// Brings functions and plugins with a `min` back to it (see `LocalPools::keep_warm`).
     /// Each thread warms only the functions it serves: the long-call worker those that are
-    /// long-running, the I/O workers the others.
+    /// long-running, the I/O workers the others and every plugin.
     pub async fn keep_warm(&self) {
         let snapshot = self.registry.snapshot();
         let serves_long = matches!(self.role, Role::LongCalls);
+        let plugins = snapshot
+            .plugins
+            .values()
+            .filter(|_| !serves_long)
+            .map(|plugin| &plugin.unit);
         self.pools
             .keep_warm(
                 &self.engine,
                 snapshot
                     .functions
                     .values()
-                    .filter(|f| f.is_long_running() == serves_long),
+                    .filter(|f| f.is_long_running() == serves_long)
+                    .chain(plugins),
             )
             .await;
     }

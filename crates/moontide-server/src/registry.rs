@@ -456,8 +456,10 @@ fn apply_plugin_change(
     };
     let Some((bytes, revision)) = value else {
         if plugins.remove(name).is_some() {
-            registry.metrics.forget(&plugin_label(name));
+            let label = plugin_label(name);
+            registry.metrics.forget(&label);
             registry.metrics.forget_plugin(name);
+            registry.long_running.lock().remove(&label);
         }
         return;
     };
