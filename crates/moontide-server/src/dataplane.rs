@@ -5,7 +5,8 @@
 //! The request path: a per-thread cached load of the snapshot (no lock), a hash lookup of
 //! the function, a body read bounded in size, an instance from the thread's pool, the
 //! call, the response. Failures become JSON errors carrying the request id; the details go
-//! to the function's log, never to the client.
+//! to the function's log, never to the client. A gateway route with plugins goes through
+//! `gateway::plugins` around its target (request phases, filters, logs).
 //!
 //! Calls of *long-running* functions — one of their calls used more than [`LONG_CALL`] of
 //! CPU past its first timeslice, or hit the blocking cap — are not run on the connection's thread but handed to the long-call
