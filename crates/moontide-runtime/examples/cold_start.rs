@@ -59,6 +59,7 @@ async fn main() {
         limits: Limits::default(),
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
+        kind: moontide_runtime::UnitKind::Function,
     };
     // Warm the allocator and code paths.
     for _ in 0..100 {

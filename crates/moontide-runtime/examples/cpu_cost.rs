@@ -92,6 +92,7 @@ async fn main() {
         limits,
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
+        kind: moontide_runtime::UnitKind::Function,
     };
     println!("| workload | bare (ms/call) | limited (ms/call) | limited / bare |");
     println!("|---|---:|---:|---:|");
@@ -155,6 +156,7 @@ async fn stop_margins(engine: &Engine, rounds: usize) {
         },
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
+        kind: moontide_runtime::UnitKind::Function,
     };
     println!(
         "Stop margin: time past a {} ms budget until the call ends",

@@ -106,7 +106,7 @@ impl EventKeys {
 /// else read as ISO-8859-1 (HTTP's historical charset for `obs-text` bytes), which maps
 /// every byte to one character and loses nothing. Event strings are always valid UTF-8,
 /// so `json.encode(event)` cannot fail on a client's header bytes (found by fuzzing).
-fn header_text(value: &HeaderValue) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn header_text(value: &HeaderValue) -> std::borrow::Cow<'_, [u8]> {
     let bytes = value.as_bytes();
     if std::str::from_utf8(bytes).is_ok() {
         return std::borrow::Cow::Borrowed(bytes);

@@ -33,6 +33,7 @@ use crate::fairness::{self, Seat};
 use crate::limits::Limits;
 use crate::modules::json;
 use crate::modules::log::EmitLog;
+use crate::plugin::PluginPhases;
 use crate::sandbox::{self, CallFrame, CallState, LimitHit, MemoryCap, SandboxSpec};
 use crate::watchdog::Watched;
 
@@ -107,6 +108,9 @@ pub enum InstanceError {
     /// main.lua did not return a function.
     #[error("main.lua must return the handler function, got {0}")]
     NoHandler(&'static str),
+    /// A plugin's main.lua did not return a table of phase functions.
+    #[error("{0}")]
+    BadPlugin(String),
 }
 
 impl InstanceError {
@@ -114,7 +118,7 @@ impl InstanceError {
         match self {
             InstanceError::Setup(_) => "setup",
             InstanceError::Init(error) => error.kind(),
-            InstanceError::NoHandler(_) => "init",
+            InstanceError::NoHandler(_) | InstanceError::BadPlugin(_) => "init",
         }
     }
 }
@@ -128,20 +132,38 @@ pub struct InstanceSpec {
     /// The function's environment (secrets): `ctx.env` and `os.getenv`.
     pub env: Arc<BTreeMap<String, String>>,
     pub log: Arc<dyn LogSink>,
+    /// What main.lua returns: a handler or a plugin's phase table.
+    pub kind: UnitKind,
+}
+
+/// What kind of deployable unit an instance runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnitKind {
+    /// main.lua returns the handler function (DESIGN.md §1).
+    #[default]
+    Function,
+    /// main.lua returns a table of phase functions (see [`crate::plugin`]).
+    Plugin,
+}
+
+/// What an instance calls: a function's handler or a plugin's phases.
+pub(crate) enum Entry {
+    Handler(Function),
+    Plugin(PluginPhases),
 }
 
 /// A live, sandboxed instance of one function version.
 pub struct Instance {
-    lua: Lua,
-    handler: Function,
+    pub(crate) lua: Lua,
+    pub(crate) entry: Entry,
     /// The `ctx` of a call that has the instance to itself (most calls: no table made).
     ctx: Table,
     /// A pristine `ctx`, copied for a call that overlaps another.
-    ctx_template: Table,
+    pub(crate) ctx_template: Table,
     event_keys: contract::EventKeys,
     state: Rc<CallState>,
     emit_log: EmitLog,
-    limits: Limits,
+    pub(crate) limits: Limits,
     broken: Cell<bool>,
     calls_in_flight: Cell<u32>,
     last_call: Cell<CallStats>,
@@ -192,7 +214,7 @@ impl Instance {
             .map_err(|e| InstanceError::Setup(e.to_string()))?;
         let mut instance = Instance {
             lua: sandbox.lua,
-            handler: sandbox.main.clone(),
+            entry: Entry::Handler(sandbox.main.clone()),
             ctx,
             ctx_template,
             event_keys,
@@ -208,9 +230,14 @@ impl Instance {
             .run(|| init.call_async::<Value>(()), "init")
             .await
             .map_err(InstanceError::Init)?;
+        if spec.kind == UnitKind::Plugin {
+            instance.entry =
+                Entry::Plugin(PluginPhases::from_value(result).map_err(InstanceError::BadPlugin)?);
+            return Ok(instance);
+        }
         match result {
             Value::Function(handler) => {
-                instance.handler = handler;
+                instance.entry = Entry::Handler(handler);
                 Ok(instance)
             }
             // Lua has one number type; mlua reports integral ones as "integer".
@@ -286,7 +313,10 @@ impl Instance {
         };
         ctx.raw_set("request_id", request_id)
             .map_err(|e| classify(&e))?;
-        let handler = self.handler.clone();
+        let Entry::Handler(handler) = &self.entry else {
+            return Err(self.bad_result("a plugin cannot be called as a function".into()));
+        };
+        let handler = handler.clone();
         self.run(
             move || handler.call_async::<Value>((event, ctx)),
             request_id,
@@ -296,7 +326,11 @@ impl Instance {
 
     /// Runs one coroutine under the limits, and turns every failure into its kind. Errors
     /// go to the function log, tagged with the request id.
-    async fn run<F>(&self, start: impl FnOnce() -> F, request_id: &str) -> Result<Value, CallError>
+    pub(crate) async fn run<F>(
+        &self,
+        start: impl FnOnce() -> F,
+        request_id: &str,
+    ) -> Result<Value, CallError>
     where
         F: std::future::Future<Output = mlua::Result<Value>>,
     {
@@ -390,7 +424,7 @@ impl Instance {
         result
     }
 
-    fn bad_result(&self, message: String) -> CallError {
+    pub(crate) fn bad_result(&self, message: String) -> CallError {
         let error = CallError::BadResult(message);
         (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
         error
@@ -441,7 +475,7 @@ enum Step<T> {
 }
 
 /// A shallow copy of `table`.
-fn copy_table(lua: &Lua, table: &Table) -> mlua::Result<Table> {
+pub(crate) fn copy_table(lua: &Lua, table: &Table) -> mlua::Result<Table> {
     let copy = lua.create_table_with_capacity(0, 6)?;
     table.for_each(|key: Value, value: Value| copy.raw_set(key, value))?;
     Ok(copy)
@@ -477,7 +511,7 @@ fn build_ctx(
 
 /// Maps an mlua error to its kind. A runtime error's message keeps the traceback when Lua
 /// gives one.
-fn classify(error: &mlua::Error) -> CallError {
+pub(crate) fn classify(error: &mlua::Error) -> CallError {
     match error {
         mlua::Error::MemoryError(_) => CallError::MemoryLimit,
         mlua::Error::CallbackError { cause, traceback } => match classify(cause) {
@@ -513,6 +547,7 @@ mod tests {
             limits,
             env: Arc::new(BTreeMap::from([("K".to_string(), "v".to_string())])),
             log,
+            kind: UnitKind::Function,
         }
     }
 

@@ -32,6 +32,7 @@ mod fairness;
 mod instance;
 mod limits;
 pub mod modules;
+pub mod plugin;
 pub mod sandbox;
 #[allow(unsafe_code)]
 mod watchdog;
@@ -40,7 +41,7 @@ pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
 pub use contract::{HttpRequest, HttpResponse};
 pub use engine::{Engine, EngineConfig};
 pub use instance::{
-    CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink,
+    CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink, UnitKind,
 };
 pub use limits::Limits;
 

@@ -55,6 +55,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/routes/{name}"),
     ("PUT", "/v1/routes/{name}"),
     ("DELETE", "/v1/routes/{name}"),
+    ("GET", "/v1/plugins"),
+    ("GET", "/v1/plugins/{name}"),
+    ("PUT", "/v1/plugins/{name}"),
+    ("DELETE", "/v1/plugins/{name}"),
+    ("GET", "/v1/plugins/{name}/logs"),
 ];
 
 /// Largest admin request body (a bundle is at most 8 MiB of source, JSON-escaped).
@@ -100,6 +105,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 .put(gateway::put_route)
                 .delete(gateway::delete_route),
         )
+        .route("/v1/plugins", get(gateway::list_plugins))
+        .route(
+            "/v1/plugins/{name}",
+            get(gateway::get_plugin)
+                .put(gateway::put_plugin)
+                .delete(gateway::delete_plugin),
+        )
+        .route("/v1/plugins/{name}/logs", get(gateway::plugin_logs))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -217,6 +230,21 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
 fn check_name(name: &str) -> Result<(), ApiError> {
     validate_function_name(name)
         .map_err(|message| ApiError::invalid(vec![FieldError::new("name", message)]))
+}
+
+/// 400 `compile_error`: the first error as the message, every one (file, line) in the
+/// details; `path` is the request field of the first.
+pub(crate) fn compile_failure(path: String, errors: &[moontide_runtime::CompileError]) -> ApiError {
+    let message = errors
+        .first()
+        .map_or_else(|| "does not compile".to_string(), ToString::to_string);
+    ApiError::new(StatusCode::BAD_REQUEST, "compile_error", message).with_details(json!({
+        "path": path,
+        "errors": errors
+            .iter()
+            .map(|e| json!({"file": e.file, "line": e.line, "message": e.message}))
+            .collect::<Vec<_>>(),
+    }))
 }
 
 pub(crate) fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
@@ -359,22 +387,12 @@ async fn deploy(
     }
     let source = FunctionSource { files };
     if let Err(compile_errors) = compile(&source) {
-        let first = &compile_errors[0];
         let path = if source_path == "source" {
             "source".to_string()
         } else {
-            format!("files.{}", first.file)
+            format!("files.{}", compile_errors[0].file)
         };
-        return Err(
-            ApiError::new(StatusCode::BAD_REQUEST, "compile_error", first.to_string())
-                .with_details(json!({
-                    "path": path,
-                    "errors": compile_errors
-                        .iter()
-                        .map(|e| json!({"file": e.file, "line": e.line, "message": e.message}))
-                        .collect::<Vec<_>>(),
-                })),
-        );
+        return Err(compile_failure(path, &compile_errors));
     }
 
     // Optimistic concurrency on the head record: a racing deploy retries.
@@ -639,19 +657,20 @@ async fn invoke(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LogsQuery {
+pub struct LogsQuery {
     follow: Option<String>,
     tail: Option<usize>,
 }
 
+pub type LogsQueryInput = Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>;
+
 async fn logs(
     State(state): Shared,
     Path(name): Path<String>,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    query: LogsQueryInput,
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::invalid(vec![FieldError::new("query", e.body_text())]))?;
-    let follow = matches!(query.follow.as_deref(), Some("1" | "true" | "yes"));
     let log = match state.registry.logs.get(&name) {
         Some(log) => log,
         None if read_head(&*state.store, &name).await?.is_some() => {
@@ -659,6 +678,12 @@ async fn logs(
         }
         None => return Err(ApiError::not_found("function", &name)),
     };
+    Ok(log_response(log, query))
+}
+
+/// A log's tail as NDJSON, and with `follow` its new lines as they come.
+pub(crate) fn log_response(log: Arc<crate::logs::FunctionLog>, query: LogsQuery) -> Response {
+    let follow = matches!(query.follow.as_deref(), Some("1" | "true" | "yes"));
     let line = |record: &crate::logs::LogRecord| {
         let mut text = serde_json::to_vec(record).unwrap_or_default();
         text.push(b'\n');
@@ -671,7 +696,7 @@ async fn logs(
         .collect();
     let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
     if !follow {
-        return Ok((ndjson, backlog.concat()).into_response());
+        return (ndjson, backlog.concat()).into_response();
     }
     let live = tokio_stream::wrappers::BroadcastStream::new(log.follow()).filter_map(move |item| {
         let bytes = item.ok().map(|record| line(&record));
@@ -680,7 +705,7 @@ async fn logs(
     let stream = futures_util::stream::iter(backlog)
         .chain(live)
         .map(Ok::<_, std::convert::Infallible>);
-    Ok((ndjson, Body::from_stream(stream)).into_response())
+    (ndjson, Body::from_stream(stream)).into_response()
 }
 
 #[cfg(test)]

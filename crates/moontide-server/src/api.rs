@@ -38,6 +38,38 @@ pub struct DeployRequest {
     pub config: FunctionConfigInput,
 }
 
+/// `PUT /v1/plugins/{name}`: a plugin's Lua source and the limits of its instances (the
+/// fields of a function's config, but `route`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginInput {
+    pub source: Option<String>,
+    #[serde(default)]
+    pub config: FunctionConfigInput,
+}
+
+/// Requests one plugin instance serves at once unless its config says otherwise: a
+/// request holds its share from its first phase to its log phase, mostly waiting on the
+/// target, so one instance should serve many.
+pub const PLUGIN_DEFAULT_CONCURRENCY: u32 = 100;
+
+impl PluginInput {
+    /// Validates the config (paths under `config.`) with plugin defaults.
+    pub fn resolve_config(&self, errors: &mut Vec<FieldError>) -> FunctionConfig {
+        let mut config = self.config.resolve("config.", errors);
+        if self.config.concurrency.is_none() {
+            config.concurrency = PLUGIN_DEFAULT_CONCURRENCY;
+        }
+        if self.config.route.is_some() {
+            errors.push(FieldError::new(
+                "config.route",
+                "a plugin has no route of its own: list it in a route's plugins",
+            ));
+        }
+        config
+    }
+}
+
 /// A duration given as text (`"5s"`, `"250ms"`, `"2m"`) or as whole milliseconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -528,6 +560,27 @@ mod tests {
         assert_eq!(config, FunctionConfig::default());
         assert_eq!(config.timeout_ms, 5000);
         assert_eq!(config.memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn plugins_default_to_sharing_instances_and_have_no_route() {
+        let input: PluginInput = serde_json::from_value(serde_json::json!({
+            "source": "return {}", "config": {"timeout": "1s"}
+        }))
+        .unwrap();
+        let mut errors = Vec::new();
+        let config = input.resolve_config(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.concurrency, PLUGIN_DEFAULT_CONCURRENCY);
+        assert_eq!(config.timeout_ms, 1000);
+        let input: PluginInput = serde_json::from_value(serde_json::json!({
+            "source": "return {}", "config": {"concurrency": 2, "route": "/x", "memory": "1KiB"}
+        }))
+        .unwrap();
+        let config = input.resolve_config(&mut errors);
+        assert_eq!(config.concurrency, 2);
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["config.memory", "config.route"]);
     }
 
     #[test]

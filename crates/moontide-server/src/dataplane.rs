@@ -5,7 +5,8 @@
 //! The request path: a per-thread cached load of the snapshot (no lock), a hash lookup of
 //! the function, a body read bounded in size, an instance from the thread's pool, the
 //! call, the response. Failures become JSON errors carrying the request id; the details go
-//! to the function's log, never to the client.
+//! to the function's log, never to the client. A gateway route with plugins goes through
+//! `gateway::plugins` around its target (request phases, filters, logs).
 //!
 //! Calls of *long-running* functions — one of their calls used more than [`LONG_CALL`] of
 //! CPU past its first timeslice, or hit the blocking cap — are not run on the connection's thread but handed to the long-call
@@ -30,12 +31,15 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, InstanceError};
+use moontide_runtime::plugin::{Phase, PluginRequest, PluginResponse};
+use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, Instance, InstanceError};
 use tokio::sync::{mpsc, oneshot};
 use tower_http::timeout::TimeoutBody;
 
 use crate::errors::ApiError;
+use crate::gateway::Route;
 use crate::gateway::config::RouteTarget;
+use crate::gateway::plugins::Chain;
 use crate::gateway::proxy::{Downstream, LocalUpstreams, upgrade_protocol};
 use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
@@ -303,6 +307,23 @@ impl Worker {
                     .collect();
                 let pattern = found.pattern.to_string();
                 let rest_len = found.rest.len();
+                let proxy_at = path.len() - rest_len;
+                let body = match self.read_body(body).await {
+                    Ok(body) => body,
+                    Err(response) => return response.map(Either::Left),
+                };
+                if !route.plugins.is_empty() {
+                    let target = Target {
+                        route: &route,
+                        resource: pattern,
+                        proxy_at,
+                    };
+                    return self
+                        .serve_with_plugins(
+                            &snapshot, target, params, parts, body, source_ip, request_id,
+                        )
+                        .await;
+                }
                 return match &route.target {
                     RouteTarget::Upstream(name) => {
                         let Some(upstream) = snapshot.gateway.upstreams.get(name.as_str()).cloned()
@@ -333,7 +354,6 @@ impl Worker {
                             .to_response()
                             .map(Either::Left);
                         };
-                        let proxy_at = path.len() - rest_len;
                         self.call_function(
                             function,
                             Cow::Owned(pattern),
@@ -360,6 +380,10 @@ impl Worker {
             .map(Either::Left);
         };
         let proxy_at = path.len() - proxy.len();
+        let body = match self.read_body(body).await {
+            Ok(body) => body,
+            Err(response) => return response.map(Either::Left),
+        };
         self.call_function(
             function,
             Cow::Borrowed(resource),
@@ -379,14 +403,10 @@ impl Worker {
         &self,
         upstream: &crate::gateway::proxy::Upstream,
         parts: http::request::Parts,
-        body: Incoming,
+        body: Bytes,
         source_ip: &Arc<str>,
     ) -> Response<ResponseBody> {
         let mut parts = parts;
-        let body = match self.read_body(body).await {
-            Ok(body) => body,
-            Err(response) => return response.map(Either::Left),
-        };
         let upgrade = upgrade_protocol(&parts.headers).cloned();
         let client_upgrade = upgrade
             .as_ref()
@@ -460,16 +480,12 @@ impl Worker {
         proxy_at: usize,
         params: Vec<(String, String)>,
         parts: http::request::Parts,
-        body: Incoming,
+        body: Bytes,
         source_ip: &Arc<str>,
         request_id: String,
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         function.metrics.http_requests.inc();
-        let body = match self.read_body(body).await {
-            Ok(body) => body,
-            Err(response) => return response,
-        };
         let request = OwnedRequest {
             method: parts.method,
             uri: parts.uri,
@@ -513,14 +529,231 @@ impl Worker {
             .duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(output) => {
-                let mut response = Response::new(Full::new(output.body));
-                *response.status_mut() = output.status;
-                *response.headers_mut() = output.headers;
-                response
-            }
+            Ok(output) => function_response(output),
             Err(error) => error.to_response(),
         }
+    }
+
+    /// Serves a request on a route with plugins (see `gateway::plugins`): request phases,
+    /// the target with the request as the plugins left it, the filters, then the logs.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_with_plugins(
+        &self,
+        snapshot: &Snapshot,
+        target: Target<'_>,
+        params: Vec<(String, String)>,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        source_ip: &Arc<str>,
+        request_id: String,
+    ) -> Response<ResponseBody> {
+        let chain = match Chain::start(
+            &self.pools,
+            &self.engine,
+            snapshot,
+            target.route,
+            &request_id,
+            self.blocking_cap(),
+        )
+        .await
+        {
+            Ok(chain) => chain,
+            Err(error) => return error.to_response().map(Either::Left),
+        };
+        let original_path = parts.uri.path().to_string();
+        let mut request = PluginRequest {
+            method: parts.method.clone(),
+            path: original_path.clone(),
+            query: parts.uri.query().map(str::to_string),
+            headers: std::mem::take(&mut parts.headers),
+            body,
+            client_ip: source_ip.to_string(),
+            params,
+        };
+        let (response, seen) = match chain.request_phases(&mut request).await {
+            Ok(Some(ended)) => {
+                let seen = PluginResponse {
+                    status: ended.status,
+                    headers: ended.headers.clone(),
+                    body: Some(ended.body.clone()),
+                };
+                (function_response(ended).map(Either::Left), seen)
+            }
+            Err(error) => {
+                let response = error.to_response();
+                let seen = PluginResponse {
+                    status: error.status,
+                    headers: response.headers().clone(),
+                    body: None,
+                };
+                (response.map(Either::Left), seen)
+            }
+            Ok(None) => {
+                let proxy_at = if request.path == original_path {
+                    target.proxy_at
+                } else {
+                    request.path.len()
+                };
+                let response = self
+                    .send_to_target(
+                        snapshot,
+                        &target,
+                        proxy_at,
+                        &request,
+                        parts,
+                        source_ip,
+                        &request_id,
+                    )
+                    .await;
+                self.filter_response(&chain, response).await
+            }
+        };
+        chain.log(request, seen);
+        response
+    }
+
+    /// The route's target, sent the request as the plugins left it.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_to_target(
+        &self,
+        snapshot: &Snapshot,
+        target: &Target<'_>,
+        proxy_at: usize,
+        request: &PluginRequest,
+        mut parts: http::request::Parts,
+        source_ip: &Arc<str>,
+        request_id: &str,
+    ) -> Response<ResponseBody> {
+        let mut uri = http::Uri::builder();
+        if let Some(scheme) = parts.uri.scheme() {
+            uri = uri.scheme(scheme.clone());
+        }
+        if let Some(authority) = parts.uri.authority() {
+            uri = uri.authority(authority.clone());
+        }
+        match uri.path_and_query(request.path_and_query()).build() {
+            Ok(uri) => parts.uri = uri,
+            Err(_) => {
+                return ApiError::internal("a plugin left an invalid request path")
+                    .to_response()
+                    .map(Either::Left);
+            }
+        }
+        parts.method = request.method.clone();
+        parts.headers = request.headers.clone();
+        let route = target.route;
+        match &route.target {
+            RouteTarget::Upstream(name) => {
+                let Some(upstream) = snapshot.gateway.upstreams.get(name.as_str()).cloned() else {
+                    return ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "no_upstream",
+                        format!(
+                            "route {} targets upstream {name}, which is gone",
+                            route.name
+                        ),
+                    )
+                    .to_response()
+                    .map(Either::Left);
+                };
+                self.proxy(&upstream, parts, request.body.clone(), source_ip)
+                    .await
+            }
+            RouteTarget::Function(name) => {
+                let Some(function) = snapshot.functions.get(name.as_str()).cloned() else {
+                    return ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "no_function",
+                        format!(
+                            "route {} targets function {name}, which is not deployed",
+                            route.name
+                        ),
+                    )
+                    .to_response()
+                    .map(Either::Left);
+                };
+                self.call_function(
+                    function,
+                    Cow::Owned(target.resource.clone()),
+                    proxy_at,
+                    request.params.clone(),
+                    parts,
+                    request.body.clone(),
+                    source_ip,
+                    request_id.to_string(),
+                )
+                .await
+                .map(Either::Left)
+            }
+        }
+    }
+
+    /// Runs the header and body filters on the target's response; also returns the
+    /// response as the `log` phase sees it. With a `body_filter` on the route, the body is
+    /// read whole (up to the body size limit) and the filters get it as one string.
+    async fn filter_response(
+        &self,
+        chain: &Chain,
+        response: Response<ResponseBody>,
+    ) -> (Response<ResponseBody>, PluginResponse) {
+        let (parts, body) = response.into_parts();
+        let mut seen = PluginResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: None,
+        };
+        let failed = |error: ApiError| {
+            let response = error.to_response();
+            let seen = PluginResponse {
+                status: error.status,
+                headers: response.headers().clone(),
+                body: None,
+            };
+            (response.map(Either::Left), seen)
+        };
+        if let Err(error) = chain.filters(Phase::HeaderFilter, &mut seen).await {
+            return failed(error);
+        }
+        let body = if chain.has(Phase::BodyFilter) {
+            let bytes = match Limited::new(body, self.max_body_bytes).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    let too_large = error
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some();
+                    return failed(if too_large {
+                        ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "response_too_large",
+                            format!(
+                                "the response body is larger than {} bytes, the most a \
+                                 body_filter can be given",
+                                self.max_body_bytes
+                            ),
+                        )
+                    } else {
+                        ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream",
+                            "the response body could not be read",
+                        )
+                    });
+                }
+            };
+            seen.body = Some(bytes);
+            if let Err(error) = chain.filters(Phase::BodyFilter, &mut seen).await {
+                return failed(error);
+            }
+            // The length is the new body's (hyper sets it for a whole body).
+            seen.headers.remove(header::CONTENT_LENGTH);
+            Either::Left(Full::new(seen.body.clone().unwrap_or_default()))
+        } else {
+            body
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = seen.status;
+        *response.headers_mut() = seen.headers.clone();
+        (response, seen)
     }
 
     /// Runs one HTTP call of `function` on this thread.
@@ -573,19 +806,25 @@ impl Worker {
             .retain(|name| snapshot.gateway.upstreams.contains_key(name));
     }
 
-    /// Brings functions with a `min` back to it (see `LocalPools::keep_warm`).
+    /// Brings functions and plugins with a `min` back to it (see `LocalPools::keep_warm`).
     /// Each thread warms only the functions it serves: the long-call worker those that are
-    /// long-running, the I/O workers the others.
+    /// long-running, the I/O workers the others and every plugin.
     pub async fn keep_warm(&self) {
         let snapshot = self.registry.snapshot();
         let serves_long = matches!(self.role, Role::LongCalls);
+        let plugins = snapshot
+            .plugins
+            .values()
+            .filter(|_| !serves_long)
+            .map(|plugin| &plugin.unit);
         self.pools
             .keep_warm(
                 &self.engine,
                 snapshot
                     .functions
                     .values()
-                    .filter(|f| f.is_long_running() == serves_long),
+                    .filter(|f| f.is_long_running() == serves_long)
+                    .chain(plugins),
             )
             .await;
     }
@@ -625,6 +864,14 @@ impl Worker {
             } => {
                 let result = self.run_http(&function, &request).await;
                 let _ = reply.send(result);
+            }
+            Job::CheckPlugin {
+                compiled,
+                spec,
+                reply,
+            } => {
+                let instance = Instance::new(&self.engine, &compiled, &spec).await;
+                let _ = reply.send(instance.map(|instance| instance.phases()));
             }
         }
     }
@@ -705,6 +952,23 @@ pub fn serve_connection(
             tracing::debug!(%error, "connection ended with an error");
         }
     });
+}
+
+/// Where a routed request goes, as the router found it.
+struct Target<'a> {
+    route: &'a Route,
+    /// The route pattern that matched (the event's `resource`).
+    resource: String,
+    /// Where the route's rest (`proxy` parameter) starts in the path.
+    proxy_at: usize,
+}
+
+/// A function's (or a plugin's) response as an HTTP response.
+fn function_response(output: HttpResponse) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(output.body));
+    *response.status_mut() = output.status;
+    *response.headers_mut() = output.headers;
+    response
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {

@@ -9,6 +9,7 @@
 //! happen ([`UpstreamEvents`], rare: a label lookup each). Series of nodes that are no
 //! longer configured are removed at the next scrape.
 
+use moontide_runtime::plugin::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -185,6 +186,21 @@ impl UpstreamEvents {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub plugin: String,
+    /// `rewrite`, `access`, `header_filter`, `body_filter` or `log`.
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseErrorLabels {
+    pub plugin: String,
+    pub phase: &'static str,
+    /// As `function_errors`' kinds.
+    pub kind: &'static str,
+}
+
 /// Why an instance was created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleUp {
@@ -274,6 +290,8 @@ pub struct Metrics {
     upstream_events: UpstreamEvents,
     /// The upstream nodes whose series were last exported.
     exported_nodes: parking_lot::Mutex<std::collections::HashSet<NodeLabels>>,
+    plugin_phase_calls: Family<PhaseLabels, Counter>,
+    plugin_phase_errors: Family<PhaseErrorLabels, Counter>,
     pub config_revision: Gauge,
     pub functions: Gauge,
     pub node_instances: Gauge,
@@ -303,6 +321,8 @@ impl Metrics {
         let node_healthy = Family::<NodeLabels, Gauge>::default();
         let node_breaker = Family::<NodeLabels, Gauge>::default();
         let upstream_events = UpstreamEvents::default();
+        let plugin_phase_calls = Family::<PhaseLabels, Counter>::default();
+        let plugin_phase_errors = Family::<PhaseErrorLabels, Counter>::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         let node_instances = Gauge::default();
@@ -380,6 +400,16 @@ impl Metrics {
             shed.clone(),
         );
         registry.register(
+            "plugin_phase_calls",
+            "Calls of a plugin's phase functions",
+            plugin_phase_calls.clone(),
+        );
+        registry.register(
+            "plugin_phase_errors",
+            "Failed calls of a plugin's phase functions, by phase and error kind",
+            plugin_phase_errors.clone(),
+        );
+        registry.register(
             "node_instances",
             "Live Lua instances of all functions on the node",
             node_instances.clone(),
@@ -450,6 +480,8 @@ impl Metrics {
             queue_wait,
             scale_events,
             shed,
+            plugin_phase_calls,
+            plugin_phase_errors,
             config_revision,
             functions,
             node_instances,
@@ -583,6 +615,38 @@ impl Metrics {
         *exported = now;
     }
 
+    /// The handles one plugin's phases use (its instances' pool metrics are
+    /// [`Metrics::function`]'s, under `plugin:{name}`).
+    pub fn plugin(&self, name: &str) -> PluginMetrics {
+        PluginMetrics {
+            name: name.to_string(),
+            calls: Phase::ALL.map(|phase| {
+                self.plugin_phase_calls.get_or_create_owned(&PhaseLabels {
+                    plugin: name.to_string(),
+                    phase: phase.name(),
+                })
+            }),
+            errors: self.plugin_phase_errors.clone(),
+        }
+    }
+
+    /// Drops the phase series of a removed plugin.
+    pub fn forget_plugin(&self, name: &str) {
+        for phase in Phase::ALL {
+            self.plugin_phase_calls.remove(&PhaseLabels {
+                plugin: name.to_string(),
+                phase: phase.name(),
+            });
+            for kind in ["timeout", "memory", "runtime", "result", "blocking"] {
+                self.plugin_phase_errors.remove(&PhaseErrorLabels {
+                    plugin: name.to_string(),
+                    phase: phase.name(),
+                    kind,
+                });
+            }
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -641,6 +705,32 @@ impl FunctionMetrics {
         self.errors
             .get_or_create(&ErrorLabels {
                 function: self.name.clone(),
+                kind,
+            })
+            .inc();
+    }
+}
+
+/// One plugin's phase metric handles.
+#[derive(Clone)]
+pub struct PluginMetrics {
+    name: String,
+    calls: [Counter; 5],
+    errors: Family<PhaseErrorLabels, Counter>,
+}
+
+impl PluginMetrics {
+    pub fn called(&self, phase: Phase) {
+        let index = Phase::ALL.iter().position(|p| *p == phase).unwrap_or(0);
+        self.calls[index].inc();
+    }
+
+    /// Counts a failed phase call (rare: the label lookup is fine here).
+    pub fn error(&self, phase: Phase, kind: &'static str) {
+        self.errors
+            .get_or_create(&PhaseErrorLabels {
+                plugin: self.name.clone(),
+                phase: phase.name(),
                 kind,
             })
             .inc();

@@ -20,10 +20,28 @@ pub const HEAD_PREFIX: &str = "f/head/";
 pub const VERSION_PREFIX: &str = "f/ver/";
 
 /// Gateway objects: `g/upstreams/{name}` → `UpstreamConfig`, `g/routes/{name}` →
-/// `RouteConfig` (JSON; see `gateway::config`).
+/// `RouteConfig` (JSON; see `gateway::config`), `g/plugins/{name}` → [`PluginRecord`].
 pub const GATEWAY_ROOT: &str = "g/";
 pub const UPSTREAM_PREFIX: &str = "g/upstreams/";
 pub const ROUTE_PREFIX: &str = "g/routes/";
+pub const PLUGIN_PREFIX: &str = "g/plugins/";
+
+pub fn plugin_key(name: &str) -> String {
+    format!("{PLUGIN_PREFIX}{name}")
+}
+
+/// A plugin: one record, replaced whole by a `PUT` (no versions kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRecord {
+    pub source: String,
+    pub config: FunctionConfig,
+    /// The phases its table defines, found when the `PUT` ran its init.
+    pub phases: Vec<String>,
+    /// sha256 of the source, hex.
+    pub sha256: String,
+    pub updated_at_ms: u64,
+}
 
 pub fn upstream_key(name: &str) -> String {
     format!("{UPSTREAM_PREFIX}{name}")

@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use moontide_runtime::InstanceSpec;
+use moontide_runtime::plugin::Phases;
 use moontide_runtime::{CompiledFunction, FunctionSource, compile};
+use moontide_runtime::{InstanceSpec, UnitKind};
 use moontide_store::{Revision, Store, StoreError, WatchEvent};
 use tokio::sync::watch;
 
@@ -26,9 +27,9 @@ use crate::budget::NodeBudget;
 use crate::gateway::Gateway;
 use crate::gateway::config::{RouteConfig, UpstreamConfig};
 use crate::logs::{LogHub, VersionLogSink};
-use crate::metrics::{FunctionMetrics, Metrics};
+use crate::metrics::{FunctionMetrics, Metrics, PluginMetrics};
 use crate::pool::PoolShared;
-use crate::records::{self, FunctionRecord, VersionRecord};
+use crate::records::{self, FunctionRecord, PluginRecord, VersionRecord};
 
 /// One version of one function, ready to serve: compiled, with its pool counters, limits,
 /// log and metric handles.
@@ -61,6 +62,25 @@ impl DeployedFunction {
     }
 }
 
+/// A plugin, ready to run: its instances are a [`DeployedFunction`]'s (same pools,
+/// limits and autoscaling; `kind` plugin), named `plugin:{name}` in metrics and logs.
+pub struct DeployedPlugin {
+    pub name: Arc<str>,
+    pub unit: Arc<DeployedFunction>,
+    /// The phases its table defines (checked when it was `PUT`).
+    pub phases: Phases,
+    /// What is stored: an identical rewrite (see `gateway::admin::put_route`) keeps the
+    /// serving plugin and its warm instances.
+    pub record: PluginRecord,
+    pub metrics: PluginMetrics,
+}
+
+/// The name under which a plugin's instances, metrics and logs are kept (`:` is not in
+/// function names, so it never collides with one).
+pub fn plugin_label(name: &str) -> String {
+    format!("plugin:{name}")
+}
+
 /// What serves traffic now.
 #[derive(Default)]
 pub struct Snapshot {
@@ -68,6 +88,8 @@ pub struct Snapshot {
     /// Shared with the next snapshot when a change touches no function (a gateway edit
     /// then costs nothing here).
     pub functions: Arc<HashMap<Arc<str>, Arc<DeployedFunction>>>,
+    /// Plugins by name (`/v1/plugins`).
+    pub plugins: HashMap<Arc<str>, Arc<DeployedPlugin>>,
     /// `(path prefix, function)`, longest prefix first; shared like `functions`.
     pub routes: Arc<Vec<(String, Arc<DeployedFunction>)>>,
     /// Routes and upstreams (`/v1/routes`, `/v1/upstreams`).
@@ -146,15 +168,20 @@ impl Registry {
         self.metrics.functions.set(snapshot.functions.len() as i64);
         let old = self.current.swap(Arc::new(snapshot));
         let new = self.current.load();
-        if Arc::ptr_eq(&old.functions, &new.functions) {
-            self.published.send_replace(Some(revision));
-            return;
-        }
         // Versions no longer served stop taking new calls; their idle instances are reaped.
-        for (name, function) in old.functions.iter() {
-            match new.functions.get(name) {
-                Some(current) if current.id == function.id => {}
-                _ => function.pool.retire(),
+        // (A change that touched no function shares the map: nothing to compare.)
+        if !Arc::ptr_eq(&old.functions, &new.functions) {
+            for (name, function) in old.functions.iter() {
+                match new.functions.get(name) {
+                    Some(current) if current.id == function.id => {}
+                    _ => function.pool.retire(),
+                }
+            }
+        }
+        for (name, plugin) in &old.plugins {
+            match new.plugins.get(name) {
+                Some(current) if current.unit.id == plugin.unit.id => {}
+                _ => plugin.unit.pool.retire(),
             }
         }
         self.published.send_replace(Some(revision));
@@ -165,9 +192,50 @@ impl Registry {
         record: &VersionRecord,
         source_revision: Revision,
     ) -> Result<DeployedFunction, String> {
-        let source = FunctionSource {
-            files: record.files.clone(),
-        };
+        self.build_unit(
+            &record.name,
+            record.version,
+            record.files.clone(),
+            &record.config,
+            UnitKind::Function,
+            source_revision,
+        )
+    }
+
+    /// Builds a plugin from its record; its version is the record's store revision.
+    fn deploy_plugin(
+        &self,
+        name: &str,
+        record: PluginRecord,
+        revision: Revision,
+    ) -> Result<DeployedPlugin, String> {
+        let unit = self.build_unit(
+            &plugin_label(name),
+            revision,
+            FunctionSource::single(record.source.clone()).files,
+            &record.config,
+            UnitKind::Plugin,
+            revision,
+        )?;
+        Ok(DeployedPlugin {
+            name: Arc::from(name),
+            unit: Arc::new(unit),
+            phases: Phases::from_names(record.phases.iter().map(String::as_str)),
+            metrics: self.metrics.plugin(name),
+            record,
+        })
+    }
+
+    fn build_unit(
+        &self,
+        name: &str,
+        version: u64,
+        files: std::collections::BTreeMap<String, String>,
+        config: &FunctionConfig,
+        kind: UnitKind,
+        source_revision: Revision,
+    ) -> Result<DeployedFunction, String> {
+        let source = FunctionSource { files };
         let compiled = compile(&source).map_err(|errors| {
             errors
                 .iter()
@@ -175,36 +243,37 @@ impl Registry {
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
-        let name: Arc<str> = Arc::from(record.name.as_str());
-        let metrics = self.metrics.function(&record.name);
+        let label: Arc<str> = Arc::from(name);
+        let metrics = self.metrics.function(name);
         let spec = InstanceSpec {
-            function_name: name.clone(),
-            version: record.version,
-            limits: record.config.limits(),
-            env: Arc::new(record.config.env.clone()),
+            function_name: label.clone(),
+            version,
+            limits: config.limits(),
+            env: Arc::new(config.env.clone()),
             log: Arc::new(VersionLogSink {
-                log: self.logs.function(&record.name),
-                version: record.version,
+                log: self.logs.function(name),
+                version,
             }),
+            kind,
         };
         Ok(DeployedFunction {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            name,
-            version: record.version,
+            name: label,
+            version,
             compiled: Arc::new(compiled),
             pool: Arc::new(PoolShared::new(
-                record.config.max as usize,
-                record.config.max_scale_up_rate,
+                config.max as usize,
+                config.max_scale_up_rate,
                 self.budget.clone(),
             )),
             spec,
-            config: record.config.clone(),
+            config: config.clone(),
             metrics,
             source_revision,
             long_running: self
                 .long_running
                 .lock()
-                .entry(record.name.clone())
+                .entry(name.to_string())
                 .or_default()
                 .clone(),
         })
@@ -329,9 +398,21 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
     for kv in upstreams.iter().chain(&routes) {
         apply_gateway_change(&mut gateway, &kv.key, Some(&kv.value));
     }
+    let mut plugins = HashMap::new();
+    let (stored_plugins, _) = store.range(records::PLUGIN_PREFIX).await?;
+    for kv in &stored_plugins {
+        apply_plugin_change(
+            registry,
+            &mut plugins,
+            &previous.plugins,
+            &kv.key,
+            Some((&kv.value, kv.mod_revision)),
+        );
+    }
     registry.publish(with_routes(Snapshot {
         revision,
         functions: Arc::new(functions),
+        plugins,
         routes: Arc::default(),
         gateway,
     }));
@@ -348,18 +429,21 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             .collect();
         let current = registry.snapshot();
         let mut gateway = current.gateway.clone();
+        let mut plugins = current.plugins.clone();
         for event in &batch {
             let value = match event {
-                WatchEvent::Put(kv) => Some(kv.value.as_slice()),
+                WatchEvent::Put(kv) => Some((kv.value.as_slice(), kv.mod_revision)),
                 WatchEvent::Delete { .. } => None,
             };
-            apply_gateway_change(&mut gateway, event.key(), value);
+            apply_gateway_change(&mut gateway, event.key(), value.map(|(bytes, _)| bytes));
+            apply_plugin_change(registry, &mut plugins, &current.plugins, event.key(), value);
         }
         if names.is_empty() {
             // Only gateway objects changed: functions and their routes are shared as is.
             registry.publish(Snapshot {
                 revision,
                 functions: current.functions.clone(),
+                plugins,
                 routes: current.routes.clone(),
                 gateway,
             });
@@ -384,11 +468,57 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
         registry.publish(with_routes(Snapshot {
             revision,
             functions: Arc::new(functions),
+            plugins,
             routes: Arc::default(),
             gateway,
         }));
     }
     Ok(())
+}
+
+/// Applies one stored plugin (`None`: deleted) to `plugins`; other keys are ignored. An
+/// identical record keeps the serving plugin; one that does not compile is logged and
+/// the serving one (if any) stays.
+fn apply_plugin_change(
+    registry: &Registry,
+    plugins: &mut HashMap<Arc<str>, Arc<DeployedPlugin>>,
+    current: &HashMap<Arc<str>, Arc<DeployedPlugin>>,
+    key: &str,
+    value: Option<(&[u8], Revision)>,
+) {
+    let Some(name) = key.strip_prefix(records::PLUGIN_PREFIX) else {
+        return;
+    };
+    let Some((bytes, revision)) = value else {
+        if plugins.remove(name).is_some() {
+            let label = plugin_label(name);
+            registry.metrics.forget(&label);
+            registry.metrics.forget_plugin(name);
+            registry.long_running.lock().remove(&label);
+        }
+        return;
+    };
+    let record: PluginRecord = match serde_json::from_slice(bytes) {
+        Ok(record) => record,
+        Err(error) => {
+            tracing::error!(plugin = name, %error, "unreadable plugin record; skipped");
+            return;
+        }
+    };
+    if let Some(serving) = current.get(name)
+        && serving.record == record
+    {
+        plugins.insert(serving.name.clone(), serving.clone());
+        return;
+    }
+    match registry.deploy_plugin(name, record, revision) {
+        Ok(plugin) => {
+            plugins.insert(plugin.name.clone(), Arc::new(plugin));
+        }
+        Err(error) => {
+            tracing::error!(plugin = name, %error, "stored plugin does not compile; skipped")
+        }
+    }
 }
 
 /// Applies one stored gateway object (`None`: deleted) to `gateway`; other keys are ignored.

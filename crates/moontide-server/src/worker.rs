@@ -27,7 +27,8 @@ use crate::dataplane::{self, OwnedRequest, Role, Worker};
 use crate::errors::ApiError;
 use crate::pool;
 use crate::registry::{DeployedFunction, Registry};
-use moontide_runtime::HttpResponse;
+use moontide_runtime::plugin::Phases;
+use moontide_runtime::{CompiledFunction, HttpResponse, InstanceError, InstanceSpec};
 
 /// Work handed to a worker by the admin side, or by an I/O worker to the long-call worker.
 pub enum Job {
@@ -43,6 +44,13 @@ pub enum Job {
         function: Arc<DeployedFunction>,
         request: Box<OwnedRequest>,
         reply: oneshot::Sender<Result<HttpResponse, ApiError>>,
+    },
+    /// Creates a plugin instance once (its init) to check what its `main.lua` returns
+    /// (the admin API's `PUT /v1/plugins/{name}`); the instance is then dropped.
+    CheckPlugin {
+        compiled: Arc<CompiledFunction>,
+        spec: InstanceSpec,
+        reply: oneshot::Sender<Result<Phases, InstanceError>>,
     },
 }
 

@@ -727,5 +727,18 @@ async fn the_example_manifest_applies() {
         String::from_utf8_lossy(&output.stderr)
     );
     let response = node.http.get(node.url("/hello/moon")).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        401,
+        "the example's key-auth plugin guards the route"
+    );
+    let response = node
+        .http
+        .get(node.url("/hello/moon"))
+        .header("x-api-key", "demo-key-1234")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-served-for"], "demo***");
 }

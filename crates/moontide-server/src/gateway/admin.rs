@@ -1,8 +1,10 @@
-//! Admin API handlers for gateway objects: `/v1/upstreams` and `/v1/routes` (list, get,
-//! put, delete). A put validates everything at once (400 with each field's path), writes
-//! durably and answers once the data plane serves the change. References are checked in
-//! the same store transaction as the write: a route's target must exist
-//! (`Compare::Exists`), and an upstream still used by a route cannot be deleted (409).
+//! Admin API handlers for gateway objects: `/v1/upstreams`, `/v1/routes` and
+//! `/v1/plugins` (list, get, put, delete; a plugin's logs). A put validates everything at
+//! once (400 with each field's path), writes durably and answers once the data plane
+//! serves the change. References are checked in the same store transaction as the write:
+//! a route's target and plugins must exist, and an upstream or plugin still used by a
+//! route cannot be deleted (409 `in_use`). A plugin's put also runs its init once on a
+//! data-plane worker, in the sandbox, to check the table it returns.
 
 use std::sync::Arc;
 
@@ -13,11 +15,20 @@ use axum::response::{IntoResponse, Response};
 use moontide_store::{Compare, Op};
 use serde_json::json;
 
+use moontide_runtime::{CallError, FunctionSource, InstanceError, InstanceSpec, UnitKind, compile};
+use tokio::sync::oneshot;
+
 use super::config::{RouteConfig, RouteInput, RouteTarget, UpstreamConfig, UpstreamInput};
-use crate::admin::{AdminState, SERVE_WAIT, json_response, parse_body};
-use crate::api::FieldError;
+use crate::admin::{
+    AdminState, LogsQueryInput, SERVE_WAIT, compile_failure, json_response, log_response,
+    parse_body,
+};
+use crate::api::{FieldError, PluginInput};
 use crate::errors::ApiError;
-use crate::records;
+use crate::logs::VersionLogSink;
+use crate::records::{self, PluginRecord};
+use crate::registry::plugin_label;
+use crate::worker::Job;
 
 type Shared = State<Arc<AdminState>>;
 
@@ -263,9 +274,39 @@ pub async fn put_route(
             )
         }
     };
-    let outcome = state.store.txn(vec![compare], ops).await?;
+    let mut compares = vec![compare];
+    // Each plugin's record is rewritten (same bytes) for the same reason as an upstream's:
+    // a racing delete of the plugin then fails its compare.
+    let mut missing = Vec::new();
+    for (i, plugin) in config.plugins.iter().enumerate() {
+        let key = records::plugin_key(&plugin.name);
+        match state.store.get(&key).await? {
+            None => missing.push(FieldError::new(
+                format!("plugins[{i}].name"),
+                format!("no plugin named {}", plugin.name),
+            )),
+            Some(current) => {
+                ops.push(Op::Put {
+                    key: key.clone(),
+                    value: current.value,
+                });
+                compares.push(Compare::ModRevision(key, current.mod_revision));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(ApiError::invalid(missing));
+    }
+    let outcome = state.store.txn(compares, ops).await?;
     if !outcome.succeeded {
-        return Err(missing_target(field, target));
+        if config.plugins.is_empty() {
+            return Err(missing_target(field, target));
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the route's target or plugins changed meanwhile; try again",
+        ));
     }
     state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
     let status = if existed {
@@ -300,4 +341,213 @@ pub async fn delete_route(
         .await?;
     state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn list_plugins(State(state): Shared) -> Result<Response, ApiError> {
+    let (items, revision) = state.store.range(records::PLUGIN_PREFIX).await?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let record: PluginRecord = serde_json::from_slice(&item.value)
+            .map_err(|e| ApiError::internal(format!("unreadable {}: {e}", item.key)))?;
+        out.push(json!({
+            "name": &item.key[records::PLUGIN_PREFIX.len()..],
+            "phases": record.phases,
+            "config": record.config.redacted(),
+            "revision": item.mod_revision,
+        }));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"items": out, "revision": revision}),
+    ))
+}
+
+pub async fn get_plugin(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(item) = state.store.get(&records::plugin_key(&name)).await? else {
+        return Err(ApiError::not_found("plugin", &name));
+    };
+    let record: PluginRecord = serde_json::from_slice(&item.value)
+        .map_err(|e| ApiError::internal(format!("unreadable plugin {name}: {e}")))?;
+    let snapshot = state.registry.snapshot();
+    let serving = snapshot.plugins.get(name.as_str());
+    Ok(json_response(
+        StatusCode::OK,
+        json!({
+            "name": name,
+            "source": record.source,
+            "phases": record.phases,
+            "config": record.config.redacted(),
+            "sha256": record.sha256,
+            "updated_at_ms": record.updated_at_ms,
+            "revision": item.mod_revision,
+            "live_instances": serving.map_or(0, |p| p.unit.pool.live()),
+        }),
+    ))
+}
+
+pub async fn put_plugin(
+    State(state): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_name("plugin", &name)?;
+    let input: PluginInput = parse_body(&body)?;
+    let mut errors = Vec::new();
+    let config = input.resolve_config(&mut errors);
+    let source = match &input.source {
+        Some(source) => source.clone(),
+        None => {
+            errors.push(FieldError::new(
+                "source",
+                "required: the plugin's Lua source",
+            ));
+            String::new()
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let files = FunctionSource::single(source.clone()).files;
+    let compiled = compile(&FunctionSource {
+        files: files.clone(),
+    })
+    .map_err(|errors| compile_failure("source".into(), &errors))?;
+    // Run the init once, in the sandbox, on a worker (Lua runs only there), to check the
+    // table it returns. Its errors also go to the plugin's log.
+    let label = plugin_label(&name);
+    let spec = InstanceSpec {
+        function_name: Arc::from(label.as_str()),
+        version: 0,
+        limits: config.limits(),
+        env: Arc::new(config.env.clone()),
+        log: Arc::new(VersionLogSink {
+            log: state.registry.logs.function(&label),
+            version: 0,
+        }),
+        kind: UnitKind::Plugin,
+    };
+    let (reply, checked) = oneshot::channel();
+    state.workers.submit(Job::CheckPlugin {
+        compiled: Arc::new(compiled),
+        spec,
+        reply,
+    })?;
+    let phases = checked
+        .await
+        .map_err(|_| ApiError::internal("the worker dropped the plugin check"))?
+        .map_err(plugin_rejected)?;
+    let record = PluginRecord {
+        sha256: records::source_digest(&files),
+        source,
+        config,
+        phases: phases.names().into_iter().map(str::to_string).collect(),
+        updated_at_ms: records::now_ms(),
+    };
+    let value = serde_json::to_vec(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+    let key = records::plugin_key(&name);
+    let existed = state.store.get(&key).await?.is_some();
+    let outcome = state
+        .store
+        .txn(Vec::new(), vec![Op::Put { key, value }])
+        .await?;
+    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_response(
+        status,
+        json!({
+            "name": name,
+            "phases": record.phases,
+            "config": record.config.redacted(),
+            "revision": outcome.revision,
+        }),
+    ))
+}
+
+/// Why a plugin's init refused it, as a 400 on `source`.
+fn plugin_rejected(error: InstanceError) -> ApiError {
+    let message = match error {
+        InstanceError::BadPlugin(message) => message,
+        InstanceError::Init(CallError::Runtime(message)) => {
+            let first = message.lines().next().unwrap_or_default();
+            format!("the plugin's module-level code failed: {first}")
+        }
+        InstanceError::Init(error) => format!("the plugin's module-level code failed: {error}"),
+        InstanceError::NoHandler(_) => "the plugin must return a table of phases".into(),
+        InstanceError::Setup(message) => {
+            return ApiError::internal(format!("could not create a plugin instance: {message}"));
+        }
+    };
+    ApiError::invalid(vec![FieldError::new("source", message)])
+}
+
+pub async fn delete_plugin(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = records::plugin_key(&name);
+    let Some(existing) = state.store.get(&key).await? else {
+        return Err(ApiError::not_found("plugin", &name));
+    };
+    // As for upstreams: routes read here are compared in the delete's transaction, and a
+    // route that starts using the plugin meanwhile rewrote the plugin's record.
+    let (routes, _) = state.store.range(records::ROUTE_PREFIX).await?;
+    let mut users = Vec::new();
+    let mut compares = vec![Compare::ModRevision(key.clone(), existing.mod_revision)];
+    for route in &routes {
+        compares.push(Compare::ModRevision(route.key.clone(), route.mod_revision));
+        if let Ok(config) = serde_json::from_slice::<RouteConfig>(&route.value)
+            && config.plugins.iter().any(|plugin| plugin.name == name)
+        {
+            users.push(route.key[records::ROUTE_PREFIX.len()..].to_string());
+        }
+    }
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("plugin {name} is used by routes: {}", users.join(", ")),
+        )
+        .with_details(json!({"routes": users})));
+    }
+    let outcome = state.store.txn(compares, vec![Op::Delete { key }]).await?;
+    if !outcome.succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the plugin or its routes changed; try again",
+        ));
+    }
+    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.registry.logs.remove(&plugin_label(&name));
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn plugin_logs(
+    State(state): Shared,
+    Path(name): Path<String>,
+    query: LogsQueryInput,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::invalid(vec![FieldError::new("query", e.body_text())]))?;
+    let label = plugin_label(&name);
+    let log = match state.registry.logs.get(&label) {
+        Some(log) => log,
+        None if state
+            .store
+            .get(&records::plugin_key(&name))
+            .await?
+            .is_some() =>
+        {
+            state.registry.logs.function(&label)
+        }
+        None => return Err(ApiError::not_found("plugin", &name)),
+    };
+    Ok(log_response(log, query))
 }

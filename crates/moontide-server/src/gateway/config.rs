@@ -1022,6 +1022,9 @@ pub struct RouteConfig {
     #[serde(default)]
     pub priority: i32,
     pub target: RouteTarget,
+    /// Plugins run on the route's requests, in this order, phase by phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<RoutePlugin>,
 }
 
 impl RouteConfig {
@@ -1053,9 +1056,32 @@ impl RouteConfig {
             RouteTarget::Function(name) => input["function"] = json!(name),
             RouteTarget::Upstream(name) => input["upstream"] = json!(name),
         }
+        input["plugins"] = json!(self.plugins);
         input
     }
 }
+
+/// A plugin on a route, with the route's config for it (`ctx.conf`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePlugin {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+}
+
+/// `plugins[i]` of `PUT /v1/routes/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePluginInput {
+    pub name: Option<String>,
+    pub config: Option<serde_json::Value>,
+}
+
+/// Most plugins on one route.
+pub const MAX_ROUTE_PLUGINS: usize = 32;
+/// Largest config object of one plugin on a route, as JSON.
+pub const MAX_PLUGIN_CONF_BYTES: usize = 64 << 10;
 
 /// A header or query matcher as sent: a string is an exact value; or
 /// `{"prefix": "..."}`, `{"present": true}`.
@@ -1087,6 +1113,7 @@ pub struct RouteInput {
     pub priority: Option<i32>,
     pub function: Option<String>,
     pub upstream: Option<String>,
+    pub plugins: Option<Vec<RoutePluginInput>>,
 }
 
 const METHODS: &[&str] = &[
@@ -1156,7 +1183,9 @@ impl RouteInput {
                 RouteTarget::Function(String::new())
             }
         };
+        let plugins = resolve_route_plugins(self.plugins.as_deref().unwrap_or_default(), errors);
         RouteConfig {
+            plugins,
             hosts: self
                 .hosts
                 .iter()
@@ -1171,6 +1200,63 @@ impl RouteInput {
             target,
         }
     }
+}
+
+fn resolve_route_plugins(
+    input: &[RoutePluginInput],
+    errors: &mut Vec<FieldError>,
+) -> Vec<RoutePlugin> {
+    if input.len() > MAX_ROUTE_PLUGINS {
+        errors.push(FieldError::new(
+            "plugins",
+            format!("at most {MAX_ROUTE_PLUGINS} plugins on one route"),
+        ));
+        return Vec::new();
+    }
+    let mut out: Vec<RoutePlugin> = Vec::with_capacity(input.len());
+    for (i, plugin) in input.iter().enumerate() {
+        let name = match &plugin.name {
+            None => {
+                errors.push(FieldError::new(
+                    format!("plugins[{i}].name"),
+                    "required: the plugin's name",
+                ));
+                String::new()
+            }
+            Some(name) => {
+                if let Err(message) = validate_object_name(name) {
+                    errors.push(FieldError::new(format!("plugins[{i}].name"), message));
+                } else if out.iter().any(|p| &p.name == name) {
+                    errors.push(FieldError::new(
+                        format!("plugins[{i}].name"),
+                        "listed twice (one plugin runs once per request)",
+                    ));
+                }
+                name.clone()
+            }
+        };
+        let config = match &plugin.config {
+            None | Some(serde_json::Value::Null) => None,
+            Some(config @ serde_json::Value::Object(_)) => {
+                if config.to_string().len() > MAX_PLUGIN_CONF_BYTES {
+                    errors.push(FieldError::new(
+                        format!("plugins[{i}].config"),
+                        format!("at most {MAX_PLUGIN_CONF_BYTES} bytes of JSON"),
+                    ));
+                }
+                Some(config.clone())
+            }
+            Some(_) => {
+                errors.push(FieldError::new(
+                    format!("plugins[{i}].config"),
+                    "must be a JSON object",
+                ));
+                None
+            }
+        };
+        out.push(RoutePlugin { name, config });
+    }
+    out
 }
 
 fn resolve_matchers(
@@ -1243,7 +1329,8 @@ mod tests {
             json!({"path": "/a", "function": "f"}),
             json!({"hosts": ["*.example.com"], "paths": ["/u/:id", "/v/*"], "methods": ["GET"],
                    "headers": {"x-a": "1", "x-b": {"prefix": "v"}, "x-c": {"present": true}},
-                   "query": {"q": "1"}, "priority": -3, "upstream": "u"}),
+                   "query": {"q": "1"}, "priority": -3, "upstream": "u",
+                   "plugins": [{"name": "auth", "config": {"key": "k"}}, {"name": "log"}]}),
         ] {
             let parse = |value: serde_json::Value| {
                 let input: RouteInput = serde_json::from_value(value).unwrap();
@@ -1445,6 +1532,44 @@ mod tests {
                 "headers.bad header",
                 "headers.y",
                 "upstream"
+            ]
+        );
+    }
+
+    #[test]
+    fn route_plugins_are_checked_with_their_paths() {
+        let resolve = |json| {
+            let input: RouteInput = serde_json::from_value(json).unwrap();
+            let mut errors = Vec::new();
+            let config = input.resolve(&mut errors);
+            (
+                config,
+                errors.into_iter().map(|e| e.path).collect::<Vec<_>>(),
+            )
+        };
+        let (config, errors) = resolve(serde_json::json!({
+            "path": "/a", "upstream": "u",
+            "plugins": [{"name": "auth", "config": {"key": 1}}, {"name": "log"}]
+        }));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.plugins[0].name, "auth");
+        assert_eq!(
+            config.plugins[0].config,
+            Some(serde_json::json!({"key": 1}))
+        );
+        assert_eq!(config.plugins[1].config, None);
+        let (_, errors) = resolve(serde_json::json!({
+            "path": "/a", "upstream": "u",
+            "plugins": [{"name": "a/b"}, {"config": {}}, {"name": "x", "config": [1]},
+                        {"name": "x"}]
+        }));
+        assert_eq!(
+            errors,
+            [
+                "plugins[0].name",
+                "plugins[1].name",
+                "plugins[2].config",
+                "plugins[3].name"
             ]
         );
     }

@@ -1,8 +1,8 @@
-//! The API gateway: routes and upstreams users configure at runtime, and the proxy that
-//! serves them. `config` holds the wire and stored forms with their validation, `admin`
-//! their admin API; the routing table and the balancing/health/breaker logic live in the
-//! `moontide-gateway` crate (no I/O); `proxy` forwards requests over keep-alive
-//! connections per worker thread.
+//! The API gateway: routes, upstreams and plugins users configure at runtime, and the
+//! proxy that serves them. `config` holds the wire and stored forms with their validation,
+//! `admin` their admin API; the routing table and the balancing/health/breaker logic live
+//! in the `moontide-gateway` crate (no I/O); `proxy` forwards requests over keep-alive
+//! connections per worker thread; `plugins` runs a route's Lua plugins at their phases.
 //!
 //! What serves is a [`Gateway`] inside the registry's snapshot: a persistent router
 //! (`moontide_gateway::router::Router`, O(1) to clone, O(log n) to change) and the
@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod config;
 pub mod health;
+pub mod plugins;
 pub mod proxy;
 
 use std::sync::Arc;
@@ -24,13 +25,17 @@ use moontide_gateway::balance::{self, Algorithm, NodeSpec};
 use moontide_gateway::router::{RouteSpec, Router, ValueMatch};
 
 use crate::api::FieldError;
-use config::{BalancerKind, RouteConfig, RouteTarget, UpstreamConfig, ValueMatchConfig};
+use config::{
+    BalancerKind, RouteConfig, RoutePlugin, RouteTarget, UpstreamConfig, ValueMatchConfig,
+};
 use proxy::Upstream;
 
 /// A route as the data plane keeps it.
 pub struct Route {
     pub name: Arc<str>,
     pub target: RouteTarget,
+    /// Plugins in run order, with the route's config for each.
+    pub plugins: Vec<RoutePlugin>,
 }
 
 /// The gateway part of a snapshot: immutable; changed by cloning and editing.
@@ -115,6 +120,7 @@ impl Gateway {
         let route = Arc::new(Route {
             name: Arc::from(name),
             target: config.target,
+            plugins: config.plugins,
         });
         if let Err(errors) = self.router.insert(name, spec, route) {
             tracing::error!(route = name, ?errors, "stored route is invalid; skipped");
