@@ -300,14 +300,21 @@ impl Worker {
                 });
             if let Some(found) = routed {
                 let route = found.value.clone();
-                let params: Vec<(String, String)> = found
-                    .params
-                    .iter()
-                    .map(|(name, value)| (name.to_string(), value.clone()))
-                    .collect();
-                let pattern = found.pattern.to_string();
-                let rest_len = found.rest.len();
-                let proxy_at = path.len() - rest_len;
+                let proxy_at = path.len() - found.rest.len();
+                // Path parameters and the pattern are for functions and plugins; a plain
+                // proxied route skips building them.
+                let wants_params =
+                    !route.plugins.is_empty() || matches!(route.target, RouteTarget::Function(_));
+                let (params, pattern): (Vec<(String, String)>, String) = if wants_params {
+                    let params = found
+                        .params
+                        .iter()
+                        .map(|(name, value)| (name.to_string(), value.clone()))
+                        .collect();
+                    (params, found.pattern.to_string())
+                } else {
+                    (Vec::new(), String::new())
+                };
                 let body = match self.read_body(body).await {
                     Ok(body) => body,
                     Err(response) => return response.map(Either::Left),
