@@ -73,7 +73,7 @@ n=$(curl -fsS -m 10 -H "Authorization: Bearer $(cat "$MT_TOKEN_FILE")" "$MT_ADMI
 LOADED="0 $((ROUTES / 3)) $((2 * ROUTES / 3)) $((ROUTES - 1))"
 urls=()
 for i in $LOADED; do
-    expect_get "$DATA/r/$i" 200 ok
+    expect_get "$DATA/r/$i" 200 $'ok\n'
     urls+=(--url "$DATA/r/$i")
 done
 [ "$(curl -sS -m 5 -o /dev/null -w '%{http_code}' "$DATA/n/0")" = 404 ] || die 2 "/n/0 must be 404 before the churn"

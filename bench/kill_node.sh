@@ -61,7 +61,7 @@ curl -fsS -m 5 -H "Authorization: Bearer $(cat "$MT_TOKEN_FILE")" "$MT_ADMIN/v1/
     >"$RESULTS_DIR/upstream.json" || die 2 "cannot read the upstream back"
 say "upstream as stored: $(cat "$RESULTS_DIR/upstream.json")"
 URL="http://127.0.0.1:$MT_PORT/k/x"
-for _ in 1 2 3 4 5 6; do expect_get "$URL" 200 ok; done
+for _ in 1 2 3 4 5 6; do expect_get "$URL" 200 $'ok\n'; done
 
 CMD="taskset -c 1 $GWLOAD_BIN --cpu 1 steady --url $URL --rate $RATE --duration $DURATION --timeout 2s --records $RESULTS_DIR/records.csv"
 say "load: $CMD"
