@@ -28,6 +28,10 @@
 #   RUNS=3          measurements per server per endpoint
 #   DURATION=10s    measured wrk run;  WARMUP=2s  untimed wrk run before it (0 = none)
 #   THREADS=1 CONNS=64                wrk -t / -c
+#   OR_SPLIT=0      1: for the gateway endpoints, OpenResty too gets its backends as that
+#                   separate nginx (the anchor's nginx.conf minus its backend server block,
+#                   written to the run's temp dir), so both fronts proxy to the very same
+#                   backend process; its CPU is added to OpenResty's likewise
 #   ENDPOINTS="hello json"   any of: hello json proxy balancer balancer_lc balancer_ewma
 #                   proxy:    Moontide route /proxy -> upstream "backends" (round_robin) vs
 #                             nginx proxy_pass (upstream, keepalive 64), anchor /proxy
@@ -74,6 +78,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 RETRIES=${RETRIES:-2}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 KEEP_GOING=${KEEP_GOING:-0}
+OR_SPLIT=${OR_SPLIT:-0}
 
 HOST=127.0.0.1
 OR_PORTS="18080 18081 18082"        # fixed by the anchor's nginx.conf
@@ -262,14 +267,27 @@ mt_admin() {  # method path json: one admin API call; dies unless it answers 2xx
     [[ ${out##*$'\n'} == 2?? ]] || die 2 "admin $1 $2 answered ${out##*$'\n'}: ${out%$'\n'*}"
 }
 
-start_openresty() {
+start_openresty() {  # endpoint
     ports_free_or_die $OR_PORTS
     SERVER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/openresty-bench.XXXXXX")
     SERVER_KIND=openresty
     chmod 755 "$SERVER_DIR"            # as root, the worker runs as 'nobody'
     mkdir -p "$SERVER_DIR/logs" "$SERVER_DIR/tmp"
+    local conf=$ANCHOR_DIR/nginx.conf
+    if [ "$OR_SPLIT" = 1 ] && is_gateway "$1"; then
+        # the anchor minus its backend server block; the backends run apart, as Moontide's
+        conf=$SERVER_DIR/nginx-split.conf
+        awk '/# --- backends: two ports/ { skip = 1 } /# --- front: the measured endpoints/ { skip = 0 } !skip' \
+            "$ANCHOR_DIR/nginx.conf" >"$conf"
+        if grep -q 'listen 127.0.0.1:1808[12]' "$conf" || ! grep -q 'listen 127.0.0.1:18080' "$conf"; then
+            die 2 "could not cut the backend server block out of the anchor's nginx.conf"
+        fi
+        start_backend "$SERVER_DIR/backends" on 0 18081 18082 ||
+            { MT_BACKEND_PID=$BACKEND_PID; die 2 "the backend nginx for OpenResty did not start"; }
+        MT_BACKEND_PID=$BACKEND_PID; MT_BACKEND_PIDS=$BACKEND_PIDS
+    fi
     # exactly as the anchor's run.sh starts it (WORKERS=1, PIN=auto)
-    taskset -c 0 nginx -p "$SERVER_DIR" -c "$ANCHOR_DIR/nginx.conf" \
+    taskset -c 0 nginx -p "$SERVER_DIR" -c "$conf" \
         -e "$SERVER_DIR/logs/error.log" -g "worker_processes 1;" \
         >"$SERVER_DIR/stdout.log" 2>&1 &
     SERVER_PID=$!
@@ -282,6 +300,7 @@ start_openresty() {
     [ "$ready" = 1 ] || die 2 "nginx not ready after 10 s"
     SERVER_PIDS="$SERVER_PID $(ps -o pid= --ppid "$SERVER_PID" | tr -d ' ' | tr '\n' ' ')"
     [ "$(wc -w <<<"$SERVER_PIDS")" -ge 2 ] || die 2 "nginx has no worker process"
+    SERVER_PIDS="$SERVER_PIDS $MT_BACKEND_PIDS"
 }
 
 url_of() {  # server endpoint
@@ -407,7 +426,7 @@ measure() {
     [ "$1" = moontide ] && th1=$(thread_ticks)
     read -r -a b <<<"$(snapshot)"
     BACKEND_TICKS=""
-    if [ "$1" = moontide ] && [ -n "$MT_BACKEND_PIDS" ]; then
+    if [ -n "$MT_BACKEND_PIDS" ]; then
         local p bt=0
         for p in $MT_BACKEND_PIDS; do bt=$(( bt + $(proc_ticks "$p") )); done
         BACKEND_TICKS=$(( bt - bt0 ))
@@ -458,7 +477,7 @@ RUSTC=$(rustc -V 2>/dev/null || echo '?')
 NGX_VER=$(nginx -v 2>&1 | sed 's/.*nginx\///')
 dpkg_ver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo '?'; }
 WRK_VER=$(dpkg_ver wrk)
-CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\" bench/run.sh"
+CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\"$([ "$OR_SPLIT" = 1 ] && echo " OR_SPLIT=1") bench/run.sh"
 MACHINE="nproc=$NCPU, \"$CPU_MODEL\", $MEM RAM, Linux $(uname -r)"
 VERSIONS="$MT_VER ($BUILD_DESC; $RUSTC, release profile); nginx $NGX_VER, libnginx-mod-http-lua $(dpkg_ver libnginx-mod-http-lua), libluajit2-5.1-2 $(dpkg_ver libluajit2-5.1-2), lua-cjson $(dpkg_ver lua-cjson); wrk $WRK_VER"
 say "machine: $MACHINE"
@@ -478,7 +497,7 @@ failed=""
 for ((r = 1; r <= RUNS; r++)); do
     for ep in $ENDPOINTS; do
         for s in moontide openresty; do
-            if [ "$s" = moontide ]; then start_moontide "$ep"; else start_openresty; fi
+            if [ "$s" = moontide ]; then start_moontide "$ep"; else start_openresty "$ep"; fi
             smoke "$s" "$ep"
             attempt=0
             while :; do
@@ -558,7 +577,9 @@ VERDICT=$RESULTS_DIR/.verdict.tmp
              "round_robin, /balancer -> round_robin (its built-in balancer, no Lua), /balancer_lc ->" \
              "least_conn, /balancer_ewma -> ewma; each over 127.0.0.1:18081/18082, keepalive max_idle 64." \
              "OpenResty: /proxy = proxy_pass (nginx round robin, keepalive 64), /balancer (also for" \
-             "balancer_lc/_ewma) = balancer_by_lua_block round robin, keepalive 64"
+             "balancer_lc/_ewma) = balancer_by_lua_block round robin, keepalive 64;" \
+             "$([ "$OR_SPLIT" = 1 ] && echo "**OR_SPLIT=1: OpenResty's backends too are that separate nginx (the anchor's nginx.conf minus its backend server block), CPU added likewise**" ||
+                echo "its backends inside its one worker (the anchor as is)")"
     fi
     echo
     awk -F'\t' -v endpoints="$ENDPOINTS" -f "$HERE/lib/report.awk" "$TSV" 2>"$VERDICT"
