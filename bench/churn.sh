@@ -83,11 +83,36 @@ STEADY="taskset -c 1 $GWLOAD_BIN --cpu 1 steady ${urls[*]} --rate $RATE --durati
 CHURN="taskset -c 1 $GWLOAD_BIN --cpu 1 churn --admin $MT_ADMIN --token-file $MT_TOKEN_FILE --data $DATA --upstream backends --existing $ROUTES --rate $CHANGES --before ${WINDOW}s --duration ${WINDOW}s --after ${WINDOW}s --out $RESULTS_DIR"
 say "load:  $STEADY"
 say "churn: $CHURN"
+# Machine sampler: once a second, the CPU ticks of the whole machine and of our own
+# processes, so that every window can say how much the rest of the machine (other
+# engineers' builds) took: other % = (busy - ours) / all, in % of both CPUs.
+ticks_of() {  # pids -> utime+stime summed (0 for gone)
+    local p line f t=0
+    for p in "$@"; do
+        { read -r line <"/proc/$p/stat"; } 2>/dev/null || continue
+        read -r -a f <<<"${line##*) }"; t=$(( t + f[11] + f[12] ))
+    done
+    echo "$t"
+}
+sampler() {  # pids... ; one line per second: epoch_us total busy ours
+    local cpu u n sy id io irq sirq st rest
+    while :; do
+        read -r cpu u n sy id io irq sirq st rest </proc/stat
+        echo "${EPOCHREALTIME/./} $(( u + n + sy + id + io + irq + sirq + st )) $(( u + n + sy + irq + sirq )) $(ticks_of "$@")"
+        sleep 1
+    done
+}
 $STEADY 2>"$RESULTS_DIR/load.log" &
 LOAD_PID=$!; track "$LOAD_PID"
 sleep 3                               # warm-up (not in any window)
-churn_rc=0; $CHURN || churn_rc=$?
+$CHURN &
+CHURN_PID=$!; track "$CHURN_PID"
+# shellcheck disable=SC2086
+sampler "$MT_PID" $BACKEND_PIDS "$LOAD_PID" "$CHURN_PID" >"$RESULTS_DIR/machine.txt" &
+SAMPLER_PID=$!; track "$SAMPLER_PID"
+churn_rc=0; wait "$CHURN_PID" || churn_rc=$?; untrack "$CHURN_PID"
 load_rc=0; wait "$LOAD_PID" || load_rc=$?; untrack "$LOAD_PID"
+kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; untrack "$SAMPLER_PID"
 cat "$RESULTS_DIR/load.log" >&2
 [ "$load_rc" = 0 ] || die 2 "load generator failed (rc $load_rc)"
 [ "$churn_rc" = 0 ] || die 1 "the churn driver failed (rc $churn_rc)"
@@ -102,6 +127,13 @@ STATS=$(python3 "$HERE/lib/gwstats.py" "$RESULTS_DIR/records.csv" \
     echo "# ROUTES=$ROUTES RATE=$RATE CHANGES=$CHANGES WINDOW=$WINDOW bench/churn.sh"
     echo "# $ROUTES_LINE"
     printf '%s\n' "$STATS"
+    for w in "quiet_before $q0 $q1" "churn $c0 $c1" "quiet_after $a0 $a1"; do
+        awk -v w="$w" 'BEGIN { split(w, x, " ") }
+            $1 >= x[2] && $1 <= x[3] { if (!n++) { t0 = $2; b0 = $3; o0 = $4 } t1 = $2; b1 = $3; o1 = $4 }
+            END { t = t1 - t0; if (t <= 0) { printf "# %s: no machine samples\n", x[1]; exit }
+                  printf "# %s: rest of the machine used %.1f%% of both CPUs; our processes %.1f%%\n",
+                         x[1], 100 * ((b1 - b0) - (o1 - o0)) / t, 100 * (o1 - o0) / t }' "$RESULTS_DIR/machine.txt"
+    done
     awk -F'\t' '$1 == "quiet_before" { qb = $9 } $1 == "churn" { c = $9 } $1 == "quiet_after" { qa = $9 }
         END { printf "# p99 rise: churn vs quiet_before %+.1f%%, vs quiet_after %+.1f%%\n",
               100 * (c / qb - 1), 100 * (c / qa - 1) }' <<<"$STATS"

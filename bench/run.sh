@@ -477,7 +477,7 @@ RUSTC=$(rustc -V 2>/dev/null || echo '?')
 NGX_VER=$(nginx -v 2>&1 | sed 's/.*nginx\///')
 dpkg_ver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo '?'; }
 WRK_VER=$(dpkg_ver wrk)
-CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\"$([ "$OR_SPLIT" = 1 ] && echo " OR_SPLIT=1") bench/run.sh"
+CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\"$([ "$OR_SPLIT" = 1 ] && echo " OR_SPLIT=1" || true) bench/run.sh"
 MACHINE="nproc=$NCPU, \"$CPU_MODEL\", $MEM RAM, Linux $(uname -r)"
 VERSIONS="$MT_VER ($BUILD_DESC; $RUSTC, release profile); nginx $NGX_VER, libnginx-mod-http-lua $(dpkg_ver libnginx-mod-http-lua), libluajit2-5.1-2 $(dpkg_ver libluajit2-5.1-2), lua-cjson $(dpkg_ver lua-cjson); wrk $WRK_VER"
 say "machine: $MACHINE"
