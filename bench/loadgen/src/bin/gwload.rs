@@ -141,7 +141,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     } else {
         return Err(format!("'{text}': a unit is required (ms, s or m)"));
     };
-    let value: f64 = number.parse().map_err(|_| format!("'{text}': not a number"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}': not a number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("'{text}': out of range"));
     }
@@ -277,7 +279,7 @@ async fn steady(
     expect: &str,
     records_path: &PathBuf,
 ) -> anyhow::Result<()> {
-    if !(rate > 0.0) {
+    if rate.is_nan() || rate <= 0.0 {
         bail!("--rate must be > 0");
     }
     let mut pools = Vec::new();
@@ -313,8 +315,11 @@ async fn steady(
         }
         max_lag = max_lag.max(Instant::now().saturating_duration_since(at));
         let pool = Rc::clone(&pools[i as usize % pools.len()]);
-        let (records, failures, expect) =
-            (Rc::clone(&records), Rc::clone(&failures), Rc::clone(&expect));
+        let (records, failures, expect) = (
+            Rc::clone(&records),
+            Rc::clone(&failures),
+            Rc::clone(&expect),
+        );
         tasks.push(tokio::task::spawn_local(async move {
             let outcome = tokio::time::timeout_at(at + timeout, pool.get()).await;
             let done = Instant::now();
@@ -374,9 +379,10 @@ async fn steady(
     let failed: u64 = failures.borrow().values().sum();
     let mut latencies: Vec<i64> = records.iter().map(|r| r.latency_us).collect();
     latencies.sort_unstable();
-    let stats = pools.iter().map(|p| p.stats()).fold((0, 0), |a, s| {
-        (a.0 + s.opened, a.1 + s.peak_open)
-    });
+    let stats = pools
+        .iter()
+        .map(|p| p.stats())
+        .fold((0, 0), |a, s| (a.0 + s.opened, a.1 + s.peak_open));
     eprintln!(
         "moontide-gwload steady: {} requests, {failed} failed, p50 {:.3} ms, p99 {:.3} ms, \
          max {:.3} ms; generator max lag {:.3} ms; connections opened {}, peak open {}",
@@ -489,7 +495,12 @@ impl Admin {
         })
     }
     /// One call; an answer outside 2xx is an error.
-    async fn call(&mut self, method: Method, path: &str, body: Option<String>) -> anyhow::Result<u16> {
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<u16> {
         let (status, bytes) = self
             .conn
             .send(method.clone(), path, Some(&self.token), body)
@@ -566,7 +577,7 @@ struct ChurnArgs {
 }
 
 async fn churn(args: ChurnArgs) -> anyhow::Result<()> {
-    if !(args.rate > 0.0) || args.existing == 0 {
+    if args.rate.is_nan() || args.rate <= 0.0 || args.existing == 0 {
         bail!("--rate and --existing must be > 0");
     }
     std::fs::create_dir_all(&args.out)?;
