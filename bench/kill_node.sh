@@ -86,7 +86,7 @@ STATS=$(python3 "$HERE/lib/gwstats.py" "$RESULTS_DIR/records.csv" \
     "after_1s:$KILL_US:$((KILL_US + 1000000))" "after_1s_to_end:$((KILL_US + 1000000)):$((last + 1))")
 {
     echo "# kill_node $(date -u '+%Y-%m-%d %H:%M UTC'), git $(git -C "$REPO" rev-parse --short HEAD)"
-    echo "# RATE=$RATE DURATION=$DURATION KILL_AT=$KILL_AT UPSTREAM_EXTRA='$UPSTREAM_EXTRA' bench/kill_node.sh"
+    echo "# VICTIM=$VICTIM RATE=$RATE DURATION=$DURATION KILL_AT=$KILL_AT UPSTREAM_EXTRA='$UPSTREAM_EXTRA' bench/kill_node.sh"
     echo "# upstream: $(cat "$RESULTS_DIR/upstream.json")"
     echo "# killed 127.0.0.1:$VICTIM_PORT at +$(( (KILL_US - first) / 1000 )) ms"
     printf '%s\n' "$STATS"
