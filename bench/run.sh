@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Moontide vs. the OpenResty anchor, side by side, on the anchor's `hello` and `json`
-# endpoints. See BENCHMARKS.md for what is measured and why this way.
+# endpoints and its gateway endpoints `proxy` and `balancer`. See BENCHMARKS.md for what
+# is measured and why this way.
 #
 #   bench/run.sh                       # RUNS=3: ~3 minutes after the build
 #   RUNS=5 DURATION=20s bench/run.sh
@@ -27,7 +28,23 @@
 #   RUNS=3          measurements per server per endpoint
 #   DURATION=10s    measured wrk run;  WARMUP=2s  untimed wrk run before it (0 = none)
 #   THREADS=1 CONNS=64                wrk -t / -c
-#   ENDPOINTS="hello json"
+#   OR_SPLIT=0      1: for the gateway endpoints, OpenResty too gets its backends as that
+#                   separate nginx (the anchor's nginx.conf minus its backend server block,
+#                   written to the run's temp dir), so both fronts proxy to the very same
+#                   backend process; its CPU is added to OpenResty's likewise
+#   ENDPOINTS="hello json"   any of: hello json proxy balancer balancer_lc balancer_ewma
+#                   proxy:    Moontide route /proxy -> upstream "backends" (round_robin) vs
+#                             nginx proxy_pass (upstream, keepalive 64), anchor /proxy
+#                   balancer: Moontide route /balancer -> upstream "rr" (its built-in
+#                             round_robin balancer; Moontide has no Lua balancer hook) vs
+#                             the anchor's balancer_by_lua_block round robin, /balancer
+#                   balancer_lc, balancer_ewma: the same with Moontide's least_conn /
+#                             ewma balancer, still against the anchor's /balancer
+#                   For the gateway endpoints Moontide gets the anchor's two backends as a
+#                   separate nginx (bench/lib/backends.sh: the anchor's backend server
+#                   block alone, master + 1 worker) pinned to CPU 0 with Moontide; its
+#                   CPU is added to Moontide's (in the anchor they run inside the one
+#                   nginx worker, so their CPU is in OpenResty's figure already).
 #   MOONTIDE_BIN=   use this binary instead of `cargo build --release` + target/release
 #   ANCHOR_DIR=     the OpenResty anchor (default: <repo>/../shared/anchors/openresty)
 #   MT_PORT=18090 MT_ADMIN_PORT=18091 Moontide's ports (OpenResty's are fixed by the
@@ -61,6 +78,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 RETRIES=${RETRIES:-2}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 KEEP_GOING=${KEEP_GOING:-0}
+OR_SPLIT=${OR_SPLIT:-0}
 
 HOST=127.0.0.1
 OR_PORTS="18080 18081 18082"        # fixed by the anchor's nginx.conf
@@ -88,12 +106,18 @@ for f in hello.lua json.lua; do
     [ -f "$HERE/functions/$f" ] || die 2 "$HERE/functions/$f is missing"
 done
 for ep in $ENDPOINTS; do
-    case $ep in hello|json) ;; *) die 2 "unknown endpoint '$ep' (hello, json)";; esac
+    case $ep in
+        hello|json|proxy|balancer|balancer_lc|balancer_ewma) ;;
+        *) die 2 "unknown endpoint '$ep' (hello, json, proxy, balancer, balancer_lc, balancer_ewma)";;
+    esac
 done
 NCPU=$(nproc)
 [ "$NCPU" -ge 2 ] || die 2 "needs >= 2 CPUs (server on CPU 0, wrk on CPU 1); this box has $NCPU"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die 2 "RUNS must be a positive integer"
 HZ=$(getconf CLK_TCK)
+is_gateway() { case $1 in proxy|balancer|balancer_lc|balancer_ewma) return 0;; esac; return 1; }
+# shellcheck source=lib/backends.sh
+. "$HERE/lib/backends.sh"
 
 if [ -n "${MOONTIDE_BIN:-}" ]; then
     BIN=$MOONTIDE_BIN
@@ -102,7 +126,7 @@ else
     command -v cargo >/dev/null 2>&1 || die 2 "cargo not found; install Rust or set MOONTIDE_BIN"
     say "building moontide (cargo build --release -p moontide) ..."
     (cd "$REPO" && cargo build --release -p moontide >&2) || die 2 "cargo build failed"
-    BIN=$REPO/target/release/moontide
+    BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/moontide
 fi
 BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 
@@ -124,6 +148,8 @@ SERVER_PID=""       # the server running now (moontide, or nginx master)
 SERVER_KIND=""
 SERVER_PIDS=""      # processes whose CPU is counted
 SERVER_DIR=""       # its temp dir (data dir / nginx prefix)
+MT_BACKEND_PID=""   # Moontide's backends (nginx master), for the gateway endpoints
+MT_BACKEND_PIDS=""  # its master + worker (counted in SERVER_PIDS too)
 
 alive() {  # pid is running (not a zombie)
     local st
@@ -150,14 +176,17 @@ stop_server() {
             kill -KILL "$k" 2>/dev/null || true
         fi
     done
+    if [ -n "$MT_BACKEND_PID" ]; then stop_backend "$MT_BACKEND_PID"; fi
     if [ -n "$SERVER_DIR" ] && [ -d "$SERVER_DIR" ]; then rm -rf -- "$SERVER_DIR"; fi
     SERVER_PID=""; SERVER_KIND=""; SERVER_PIDS=""; SERVER_DIR=""
+    MT_BACKEND_PID=""; MT_BACKEND_PIDS=""
 }
 
 show_server_logs() {
     [ -n "$SERVER_DIR" ] && [ -d "$SERVER_DIR" ] || return 0
     local f
-    for f in "$SERVER_DIR"/stdout.log "$SERVER_DIR"/stderr.log "$SERVER_DIR"/logs/error.log; do
+    for f in "$SERVER_DIR"/stdout.log "$SERVER_DIR"/stderr.log "$SERVER_DIR"/logs/error.log \
+             "$SERVER_DIR"/backends/logs/error.log; do
         if [ -s "$f" ]; then
             echo "# $SERVER_KIND ${f##*/} (last 20 lines):" >&2
             tail -n 20 "$f" | sed 's/^/#   /' >&2
@@ -168,7 +197,7 @@ show_server_logs() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    if [ -n "$SERVER_PID" ]; then
+    if [ -n "$SERVER_PID" ] || [ -n "$MT_BACKEND_PID" ]; then
         if [ "$rc" = 1 ] || [ "$rc" = 2 ]; then show_server_logs; fi
         stop_server
     fi
@@ -182,10 +211,17 @@ trap 'exit 143' TERM
 MT_BASE="http://$HOST:$MT_PORT/fn"
 OR_BASE="http://$HOST:18080"
 
-start_moontide() {
+start_moontide() {  # endpoint
     ports_free_or_die "$MT_PORT" "$MT_ADMIN_PORT"
     SERVER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/moontide-bench.XXXXXX")
     SERVER_KIND=moontide
+    if is_gateway "$1"; then
+        ports_free_or_die 18081 18082
+        start_backend "$SERVER_DIR/backends" on 0 18081 18082 ||
+            { MT_BACKEND_PID=$BACKEND_PID; die 2 "the backend nginx for Moontide did not start"; }
+        MT_BACKEND_PID=$BACKEND_PID; MT_BACKEND_PIDS=$BACKEND_PIDS
+        [ "$(wc -w <<<"$MT_BACKEND_PIDS")" -ge 2 ] || die 2 "the backend nginx has no worker process"
+    fi
     taskset -c 0 "$BIN" serve --data-dir "$SERVER_DIR/data" \
         --listen "$HOST:$MT_PORT" --admin "$HOST:$MT_ADMIN_PORT" --workers 1 \
         >"$SERVER_DIR/stdout.log" 2>"$SERVER_DIR/stderr.log" &
@@ -207,17 +243,51 @@ start_moontide() {
             taskset -c 1 "$BIN" deploy "$ep" "$HERE/functions/$ep.lua" >/dev/null ||
             die 2 "moontide deploy $ep failed"
     done
-    SERVER_PIDS=$SERVER_PID
+    if is_gateway "$1"; then
+        local nodes='[{"address": "127.0.0.1:18081", "weight": 1}, {"address": "127.0.0.1:18082", "weight": 1}]'
+        local keep='"keepalive": {"max_idle": 64}'   # nginx: keepalive 64 (also the default)
+        mt_admin PUT /v1/upstreams/backends "{\"nodes\": $nodes, \"balancer\": \"round_robin\", $keep}"
+        mt_admin PUT /v1/upstreams/rr "{\"nodes\": $nodes, \"balancer\": \"round_robin\", $keep}"
+        mt_admin PUT /v1/upstreams/lc "{\"nodes\": $nodes, \"balancer\": \"least_conn\", $keep}"
+        mt_admin PUT /v1/upstreams/ewma "{\"nodes\": $nodes, \"balancer\": \"ewma\", $keep}"
+        mt_admin PUT /v1/routes/proxy '{"path": "/proxy", "upstream": "backends"}'
+        mt_admin PUT /v1/routes/balancer '{"path": "/balancer", "upstream": "rr"}'
+        mt_admin PUT /v1/routes/balancer_lc '{"path": "/balancer_lc", "upstream": "lc"}'
+        mt_admin PUT /v1/routes/balancer_ewma '{"path": "/balancer_ewma", "upstream": "ewma"}'
+    fi
+    SERVER_PIDS="$SERVER_PID $MT_BACKEND_PIDS"
 }
 
-start_openresty() {
+mt_admin() {  # method path json: one admin API call; dies unless it answers 2xx
+    local out
+    out=$(taskset -c 1 curl -sS -m 5 -w '\n%{http_code}' -X "$1" \
+        -H "Authorization: Bearer $(cat "$SERVER_DIR/data/admin.token")" \
+        -H 'Content-Type: application/json' --data-binary "$3" \
+        "http://$HOST:$MT_ADMIN_PORT$2") || die 2 "admin $1 $2 failed: $out"
+    [[ ${out##*$'\n'} == 2?? ]] || die 2 "admin $1 $2 answered ${out##*$'\n'}: ${out%$'\n'*}"
+}
+
+start_openresty() {  # endpoint
     ports_free_or_die $OR_PORTS
     SERVER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/openresty-bench.XXXXXX")
     SERVER_KIND=openresty
     chmod 755 "$SERVER_DIR"            # as root, the worker runs as 'nobody'
     mkdir -p "$SERVER_DIR/logs" "$SERVER_DIR/tmp"
+    local conf=$ANCHOR_DIR/nginx.conf
+    if [ "$OR_SPLIT" = 1 ] && is_gateway "$1"; then
+        # the anchor minus its backend server block; the backends run apart, as Moontide's
+        conf=$SERVER_DIR/nginx-split.conf
+        awk '/# --- backends: two ports/ { skip = 1 } /# --- front: the measured endpoints/ { skip = 0 } !skip' \
+            "$ANCHOR_DIR/nginx.conf" >"$conf"
+        if grep -q 'listen 127.0.0.1:1808[12]' "$conf" || ! grep -q 'listen 127.0.0.1:18080' "$conf"; then
+            die 2 "could not cut the backend server block out of the anchor's nginx.conf"
+        fi
+        start_backend "$SERVER_DIR/backends" on 0 18081 18082 ||
+            { MT_BACKEND_PID=$BACKEND_PID; die 2 "the backend nginx for OpenResty did not start"; }
+        MT_BACKEND_PID=$BACKEND_PID; MT_BACKEND_PIDS=$BACKEND_PIDS
+    fi
     # exactly as the anchor's run.sh starts it (WORKERS=1, PIN=auto)
-    taskset -c 0 nginx -p "$SERVER_DIR" -c "$ANCHOR_DIR/nginx.conf" \
+    taskset -c 0 nginx -p "$SERVER_DIR" -c "$conf" \
         -e "$SERVER_DIR/logs/error.log" -g "worker_processes 1;" \
         >"$SERVER_DIR/stdout.log" 2>&1 &
     SERVER_PID=$!
@@ -230,18 +300,32 @@ start_openresty() {
     [ "$ready" = 1 ] || die 2 "nginx not ready after 10 s"
     SERVER_PIDS="$SERVER_PID $(ps -o pid= --ppid "$SERVER_PID" | tr -d ' ' | tr '\n' ' ')"
     [ "$(wc -w <<<"$SERVER_PIDS")" -ge 2 ] || die 2 "nginx has no worker process"
+    SERVER_PIDS="$SERVER_PIDS $MT_BACKEND_PIDS"
 }
 
 url_of() {  # server endpoint
-    if [ "$1" = moontide ]; then echo "$MT_BASE/$2"; else echo "$OR_BASE/$2"; fi
+    if [ "$1" = moontide ]; then
+        if is_gateway "$2"; then echo "http://$HOST:$MT_PORT/$2"; else echo "$MT_BASE/$2"; fi
+    else
+        case $2 in balancer_*) echo "$OR_BASE/balancer";; *) echo "$OR_BASE/$2";; esac
+    fi
 }
 
 # The anchor's /json body, taken from its wrk script (the same bytes wrk will POST).
 JSON_BODY=$(awk '/^wrk.body/,0' "$ANCHOR_DIR/json.lua" | grep -o "'[^']*'" | tr -d "'" | tr -d '\n')
 [ ${#JSON_BODY} -gt 100 ] || die 2 "could not read the JSON body from $ANCHOR_DIR/json.lua"
 
-smoke() {  # server: both endpoints must answer exactly like the anchor
+smoke() {  # server [endpoint]: hello and json (and a gateway endpoint) must answer exactly
+          # like the anchor
     local s=$1 got ct gw
+    if [ -n "${2:-}" ] && is_gateway "$2"; then
+        local i
+        for i in 1 2 3 4; do   # twice round both backends
+            got=$(curl -sS -m 5 -w ' %{http_code}' "$(url_of "$s" "$2")") ||
+                die 2 "smoke check $s $2: request failed"
+            [ "$got" = $'ok\n 200' ] || die 2 "smoke check $s $2: expected 200 'ok\\n', got '$got'"
+        done
+    fi
     expect() {  # what got want
         [ "$2" = "$3" ] || die 2 "smoke check $s $1: expected '$3', got '$2'"
     }
@@ -313,6 +397,13 @@ wait_quiet() {
     done
 }
 
+# Both backends must carry the load: count the established connections to each backend
+# port (client side: the proxy's keep-alive connections; wrk talks to the front only).
+backend_conns() {  # -> "n18081 n18082"
+    echo "$(ss -Htn state established '( dport = :18081 )' | wc -l)" \
+         "$(ss -Htn state established '( dport = :18082 )' | wc -l)"
+}
+
 run_wrk() {  # server endpoint duration
     local script=()
     [ "$2" = json ] && script=(-s "$ANCHOR_DIR/json.lua")
@@ -327,11 +418,21 @@ wrk_cmd() {
 # measure server endpoint -> sets OUT (wrk output) and M (the numbers, see TSV header)
 measure() {
     local a b th0="" th1=""
+    local bt0=0 p
+    for p in $MT_BACKEND_PIDS; do bt0=$(( bt0 + $(proc_ticks "$p") )); done
     read -r -a a <<<"$(snapshot)"
     [ "$1" = moontide ] && th0=$(thread_ticks)
     OUT=$(run_wrk "$1" "$2" "$DURATION") || die 1 "wrk failed against $1 $2: $OUT"
     [ "$1" = moontide ] && th1=$(thread_ticks)
     read -r -a b <<<"$(snapshot)"
+    BACKEND_TICKS=""
+    if [ -n "$MT_BACKEND_PIDS" ]; then
+        local p bt=0
+        for p in $MT_BACKEND_PIDS; do bt=$(( bt + $(proc_ticks "$p") )); done
+        BACKEND_TICKS=$(( bt - bt0 ))
+    fi
+    BACKEND_CONNS=""
+    is_gateway "$2" && BACKEND_CONNS=$(backend_conns)
     PARSED=$(printf '%s\n' "$OUT" | awk -f "$HERE/lib/wrk_parse.awk") ||
         die 1 "cannot parse wrk output against $1 $2:"$'\n'"$OUT"
     local rps p50 p99 reqs err
@@ -376,7 +477,7 @@ RUSTC=$(rustc -V 2>/dev/null || echo '?')
 NGX_VER=$(nginx -v 2>&1 | sed 's/.*nginx\///')
 dpkg_ver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo '?'; }
 WRK_VER=$(dpkg_ver wrk)
-CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\" bench/run.sh"
+CMD="RUNS=$RUNS DURATION=$DURATION WARMUP=$WARMUP THREADS=$THREADS CONNS=$CONNS ENDPOINTS=\"$ENDPOINTS\"$([ "$OR_SPLIT" = 1 ] && echo " OR_SPLIT=1" || true) bench/run.sh"
 MACHINE="nproc=$NCPU, \"$CPU_MODEL\", $MEM RAM, Linux $(uname -r)"
 VERSIONS="$MT_VER ($BUILD_DESC; $RUSTC, release profile); nginx $NGX_VER, libnginx-mod-http-lua $(dpkg_ver libnginx-mod-http-lua), libluajit2-5.1-2 $(dpkg_ver libluajit2-5.1-2), lua-cjson $(dpkg_ver lua-cjson); wrk $WRK_VER"
 say "machine: $MACHINE"
@@ -396,8 +497,8 @@ failed=""
 for ((r = 1; r <= RUNS; r++)); do
     for ep in $ENDPOINTS; do
         for s in moontide openresty; do
-            if [ "$s" = moontide ]; then start_moontide; else start_openresty; fi
-            smoke "$s"
+            if [ "$s" = moontide ]; then start_moontide "$ep"; else start_openresty "$ep"; fi
+            smoke "$s" "$ep"
             attempt=0
             while :; do
                 (( QUIET_WAIT > 0 )) && wait_quiet
@@ -421,8 +522,15 @@ for ((r = 1; r <= RUNS; r++)); do
                 printf '%s\n' "$OUT"
                 echo "# server_ticks=$ticks cpu_us_per_req=$us_req server=$srv_pct% wrk=$wrk_pct% other=$other_pct% steal=$steal_pct% (HZ=$HZ)"
                 [ -n "$THREADS_LINE" ] && echo "# per-thread ticks: $THREADS_LINE"
+                [ -n "$BACKEND_TICKS" ] && echo "# of server_ticks, the backend nginx (master+worker): $BACKEND_TICKS"
+                [ -n "$BACKEND_CONNS" ] && echo "# established connections to backends 18081 18082 after the run: $BACKEND_CONNS"
             } >"$raw"
             read -r rps p50 p99 reqs err <<<"$PARSED"
+            if [ -n "$BACKEND_CONNS" ]; then
+                read -r c1 c2 <<<"$BACKEND_CONNS"
+                { [ "$c1" -gt 0 ] && [ "$c2" -gt 0 ]; } ||
+                    die 1 "$s $ep run $r: not both backends in use (connections to 18081/18082: $c1/$c2)"
+            fi
             if [ "$err" != 0 ]; then
                 [ "$KEEP_GOING" = 1 ] ||
                     die 1 "$s $ep run $r: $err non-2xx responses or socket errors (see $raw)"
@@ -459,8 +567,20 @@ VERDICT=$RESULTS_DIR/.verdict.tmp
     echo "- server CPU µs/req = Δ(utime+stime) of the server's processes (nginx master+worker;" \
          "Moontide all threads) over the measured run / requests completed;" \
          "core % = the same Δ over wall time; other % = the rest of the machine (% of all CPUs)"
-    echo "- Moontide: \`$(wrk_cmd moontide hello)\`, \`$(wrk_cmd moontide json)\`"
-    echo "- OpenResty: \`$(wrk_cmd openresty hello)\`, \`$(wrk_cmd openresty json)\`"
+    for ep in $ENDPOINTS; do
+        echo "- \`$ep\`: Moontide \`$(wrk_cmd moontide "$ep")\`; OpenResty \`$(wrk_cmd openresty "$ep")\`"
+    done
+    if grep -qw -e proxy -e balancer -e balancer_lc -e balancer_ewma <<<"$ENDPOINTS"; then
+        echo "- gateway endpoints: Moontide's server CPU includes the separate backend nginx" \
+             "(master + 1 worker, the anchor's backend server block alone, pinned to CPU 0 too);" \
+             "OpenResty's backends run inside its one worker. Moontide routes: /proxy -> upstream" \
+             "round_robin, /balancer -> round_robin (its built-in balancer, no Lua), /balancer_lc ->" \
+             "least_conn, /balancer_ewma -> ewma; each over 127.0.0.1:18081/18082, keepalive max_idle 64." \
+             "OpenResty: /proxy = proxy_pass (nginx round robin, keepalive 64), /balancer (also for" \
+             "balancer_lc/_ewma) = balancer_by_lua_block round robin, keepalive 64;" \
+             "$([ "$OR_SPLIT" = 1 ] && echo "**OR_SPLIT=1: OpenResty's backends too are that separate nginx (the anchor's nginx.conf minus its backend server block), CPU added likewise**" ||
+                echo "its backends inside its one worker (the anchor as is)")"
+    fi
     echo
     awk -F'\t' -v endpoints="$ENDPOINTS" -f "$HERE/lib/report.awk" "$TSV" 2>"$VERDICT"
 } >"$SUMMARY"

@@ -86,6 +86,18 @@ END {
             printf "Target `json`: req/s ≥ 1.5× OpenResty's → %s × → %s.\n\n", rr, yes(ok_rps)
             verdict = verdict sprintf("TARGET json rps_ratio=%s (>=1.50) %s\n",
                 rr, ok_rps ? "met" : "MISSED")
+        } else if (e == "proxy") {
+            ok_rps = (rr != "n/a" && m["moontide", "rps"] >= m["openresty", "rps"])
+            ok_p99 = (r99 != "n/a" && m["moontide", "p99"] <= m["openresty", "p99"])
+            printf "Target `proxy`: req/s ≥ 1.0× nginx proxy_pass → %s × → %s; p99 no worse (≤ 1.00×) → %s × → %s.\n\n", \
+                rr, yes(ok_rps), r99, yes(ok_p99)
+            verdict = verdict sprintf("TARGET proxy rps_ratio=%s (>=1.00) %s p99_ratio=%s (<=1.00) %s\n",
+                rr, ok_rps ? "met" : "MISSED", r99, ok_p99 ? "met" : "MISSED")
+        } else if (e ~ /^balancer/) {
+            ok_rps = (rr != "n/a" && m["moontide", "rps"] >= 1.3 * m["openresty", "rps"])
+            printf "Target `%s`: req/s ≥ 1.3× OpenResty's balancer_by_lua → %s × → %s.\n\n", e, rr, yes(ok_rps)
+            verdict = verdict sprintf("TARGET %s rps_ratio=%s (>=1.30) %s\n",
+                e, rr, ok_rps ? "met" : "MISSED")
         }
     }
     if (failed) printf "**Error:** %d run(s) had non-2xx answers or socket errors; their numbers are invalid.\n\n", failed
