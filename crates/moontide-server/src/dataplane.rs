@@ -335,31 +335,13 @@ impl Worker {
                     RouteTarget::Upstream(name) => {
                         let Some(upstream) = snapshot.gateway.upstreams.get(name.as_str()).cloned()
                         else {
-                            return ApiError::new(
-                                StatusCode::BAD_GATEWAY,
-                                "no_upstream",
-                                format!(
-                                    "route {} targets upstream {name}, which is gone",
-                                    route.name
-                                ),
-                            )
-                            .to_response()
-                            .map(Either::Left);
+                            return missing_target(&route.name, "upstream", name);
                         };
                         self.proxy(&upstream, parts, body, source_ip).await
                     }
                     RouteTarget::Function(name) => {
                         let Some(function) = snapshot.functions.get(name.as_str()).cloned() else {
-                            return ApiError::new(
-                                StatusCode::BAD_GATEWAY,
-                                "no_function",
-                                format!(
-                                    "route {} targets function {name}, which is not deployed",
-                                    route.name
-                                ),
-                            )
-                            .to_response()
-                            .map(Either::Left);
+                            return missing_target(&route.name, "function", name);
                         };
                         self.call_function(
                             function,
@@ -652,32 +634,14 @@ impl Worker {
         match &route.target {
             RouteTarget::Upstream(name) => {
                 let Some(upstream) = snapshot.gateway.upstreams.get(name.as_str()).cloned() else {
-                    return ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "no_upstream",
-                        format!(
-                            "route {} targets upstream {name}, which is gone",
-                            route.name
-                        ),
-                    )
-                    .to_response()
-                    .map(Either::Left);
+                    return missing_target(&route.name, "upstream", name);
                 };
                 self.proxy(&upstream, parts, request.body.clone(), source_ip)
                     .await
             }
             RouteTarget::Function(name) => {
                 let Some(function) = snapshot.functions.get(name.as_str()).cloned() else {
-                    return ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "no_function",
-                        format!(
-                            "route {} targets function {name}, which is not deployed",
-                            route.name
-                        ),
-                    )
-                    .to_response()
-                    .map(Either::Left);
+                    return missing_target(&route.name, "function", name);
                 };
                 self.call_function(
                     function,
@@ -916,6 +880,21 @@ impl Worker {
             Err(error) => Err(call_failure(&function, &error, request_id)),
         }
     }
+}
+
+/// The answer when a route's target is not (or no longer) there: `502`, naming both.
+fn missing_target(route: &str, kind: &str, name: &str) -> Response<ResponseBody> {
+    let (code, state) = match kind {
+        "upstream" => ("no_upstream", "is gone"),
+        _ => ("no_function", "is not deployed"),
+    };
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        code,
+        format!("route {route} targets {kind} {name}, which {state}"),
+    )
+    .to_response()
+    .map(Either::Left)
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upgraded

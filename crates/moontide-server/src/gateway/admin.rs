@@ -177,18 +177,35 @@ pub async fn delete_upstream(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = records::upstream_key(&name);
+    let target = RouteTarget::Upstream(name.clone());
+    delete_unless_used(&state, "upstream", key, &name, |route| {
+        route.target == target
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Deletes the object at `key` unless a route `uses` it (`409 in_use`, naming the routes).
+/// The routes read are compared in the delete's transaction, and a route that starts
+/// using the object meanwhile rewrites the object's key (see `put_route`), so a racing
+/// change makes the delete fail (`409 conflict`) instead of leaving a route dangling.
+async fn delete_unless_used(
+    state: &AdminState,
+    kind: &str,
+    key: String,
+    name: &str,
+    uses: impl Fn(&RouteConfig) -> bool,
+) -> Result<(), ApiError> {
     let Some(existing) = state.store.get(&key).await? else {
-        return Err(ApiError::not_found("upstream", &name));
+        return Err(ApiError::not_found(kind, name));
     };
-    // The routes read here are compared in the delete's transaction: a route that starts
-    // using the upstream meanwhile makes the delete fail instead of leaving it dangling.
     let (routes, _) = state.store.range(records::ROUTE_PREFIX).await?;
     let mut users = Vec::new();
     let mut compares = vec![Compare::ModRevision(key.clone(), existing.mod_revision)];
     for route in &routes {
         compares.push(Compare::ModRevision(route.key.clone(), route.mod_revision));
         if let Ok(config) = serde_json::from_slice::<RouteConfig>(&route.value)
-            && config.target == RouteTarget::Upstream(name.clone())
+            && uses(&config)
         {
             users.push(route.key[records::ROUTE_PREFIX.len()..].to_string());
         }
@@ -197,25 +214,20 @@ pub async fn delete_upstream(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "in_use",
-            format!(
-                "upstream {name} is the target of routes: {}",
-                users.join(", ")
-            ),
+            format!("{kind} {name} is used by routes: {}", users.join(", ")),
         )
         .with_details(json!({"routes": users})));
     }
-    // A route made to use the upstream after the range rewrote the upstream's key (see
-    // `put_route`), so the upstream's compare fails.
     let outcome = state.store.txn(compares, vec![Op::Delete { key }]).await?;
     if !outcome.succeeded {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
-            "the upstream or its routes changed; try again",
+            format!("the {kind} or its routes changed; try again"),
         ));
     }
     state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(())
 }
 
 pub async fn list_routes(State(state): Shared) -> Result<Response, ApiError> {
@@ -492,39 +504,10 @@ pub async fn delete_plugin(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = records::plugin_key(&name);
-    let Some(existing) = state.store.get(&key).await? else {
-        return Err(ApiError::not_found("plugin", &name));
-    };
-    // As for upstreams: routes read here are compared in the delete's transaction, and a
-    // route that starts using the plugin meanwhile rewrote the plugin's record.
-    let (routes, _) = state.store.range(records::ROUTE_PREFIX).await?;
-    let mut users = Vec::new();
-    let mut compares = vec![Compare::ModRevision(key.clone(), existing.mod_revision)];
-    for route in &routes {
-        compares.push(Compare::ModRevision(route.key.clone(), route.mod_revision));
-        if let Ok(config) = serde_json::from_slice::<RouteConfig>(&route.value)
-            && config.plugins.iter().any(|plugin| plugin.name == name)
-        {
-            users.push(route.key[records::ROUTE_PREFIX.len()..].to_string());
-        }
-    }
-    if !users.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "in_use",
-            format!("plugin {name} is used by routes: {}", users.join(", ")),
-        )
-        .with_details(json!({"routes": users})));
-    }
-    let outcome = state.store.txn(compares, vec![Op::Delete { key }]).await?;
-    if !outcome.succeeded {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "the plugin or its routes changed; try again",
-        ));
-    }
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    delete_unless_used(&state, "plugin", key, &name, |route| {
+        route.plugins.iter().any(|plugin| plugin.name == name)
+    })
+    .await?;
     state.registry.logs.remove(&plugin_label(&name));
     Ok(StatusCode::NO_CONTENT.into_response())
 }
