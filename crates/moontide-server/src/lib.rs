@@ -133,8 +133,24 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+/// Pending connections a listener queues before the kernel drops new ones. Rust's std
+/// listens with 128; a burst of new clients after a stall overflowed it (each dropped SYN
+/// costs its client a 1 s retransmit, seen in the churn benchmark). nginx uses 511, the
+/// OpenResty anchor 4096; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
-    std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+    use socket2::{Domain, Protocol, Socket, Type};
+    let listen = || -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // As std does on Unix: a restarted node may bind while old connections linger.
+        #[cfg(unix)]
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        Ok(socket.into())
+    };
+    listen().map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// Runs a node until `shutdown` resolves. `on_ready` receives the bound data-plane and
