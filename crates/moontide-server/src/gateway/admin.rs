@@ -154,7 +154,20 @@ pub async fn put_upstream(
         return Err(ApiError::invalid(errors));
     }
     let value = serde_json::to_vec(&config).map_err(|e| ApiError::internal(e.to_string()))?;
-    let key = records::upstream_key(&name);
+    let (status, revision) = put_serving(&state, records::upstream_key(&name), value).await?;
+    Ok(json_response(
+        status,
+        json!({"name": name, "config": config.shown(), "revision": revision}),
+    ))
+}
+
+/// Writes an object that nothing else refers to in the write (an upstream, a plugin),
+/// waits until it serves, and says whether it was new (`201`) or replaced (`200`).
+async fn put_serving(
+    state: &AdminState,
+    key: String,
+    value: Vec<u8>,
+) -> Result<(StatusCode, u64), ApiError> {
     let existed = state.store.get(&key).await?.is_some();
     let outcome = state
         .store
@@ -166,10 +179,7 @@ pub async fn put_upstream(
     } else {
         StatusCode::CREATED
     };
-    Ok(json_response(
-        status,
-        json!({"name": name, "config": config.shown(), "revision": outcome.revision}),
-    ))
+    Ok((status, outcome.revision))
 }
 
 pub async fn delete_upstream(
@@ -459,25 +469,14 @@ pub async fn put_plugin(
         updated_at_ms: records::now_ms(),
     };
     let value = serde_json::to_vec(&record).map_err(|e| ApiError::internal(e.to_string()))?;
-    let key = records::plugin_key(&name);
-    let existed = state.store.get(&key).await?.is_some();
-    let outcome = state
-        .store
-        .txn(Vec::new(), vec![Op::Put { key, value }])
-        .await?;
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
-    let status = if existed {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
+    let (status, revision) = put_serving(&state, records::plugin_key(&name), value).await?;
     Ok(json_response(
         status,
         json!({
             "name": name,
             "phases": record.phases,
             "config": record.config.redacted(),
-            "revision": outcome.revision,
+            "revision": revision,
         }),
     ))
 }
