@@ -416,16 +416,21 @@ fn text(value: &Value, what: &str) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// `value` as a table, `None` for nil; anything else is an error naming `what`.
+fn optional_table<'v>(value: &'v Value, what: &str) -> Result<Option<&'v Table>, String> {
+    match value {
+        Value::Nil => Ok(None),
+        Value::Table(table) => Ok(Some(table)),
+        other => Err(format!(
+            "{what} must be a table, got {}",
+            json::lua_type_name(other)
+        )),
+    }
+}
+
 fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String> {
-    let table = match value {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Table(table) => table,
-        other => {
-            return Err(format!(
-                "{what} must be a table, got {}",
-                json::lua_type_name(other)
-            ));
-        }
+    let Some(table) = optional_table(value, what)? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for pair in table.pairs::<LuaString, Value>() {
@@ -445,15 +450,8 @@ fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String
 /// Reads headers back from Lua: a name whose text is unchanged keeps all its original
 /// values; names left out are removed.
 fn read_headers(value: &Value, original: &HeaderMap, what: &str) -> Result<HeaderMap, String> {
-    let table = match value {
-        Value::Nil => return Ok(HeaderMap::new()),
-        Value::Table(table) => table,
-        other => {
-            return Err(format!(
-                "{what} must be a table, got {}",
-                json::lua_type_name(other)
-            ));
-        }
+    let Some(table) = optional_table(value, what)? else {
+        return Ok(HeaderMap::new());
     };
     let mut out = HeaderMap::new();
     for pair in table.pairs::<LuaString, Value>() {
