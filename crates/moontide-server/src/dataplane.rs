@@ -34,13 +34,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use moontide_runtime::plugin::{Phase, PluginRequest, PluginResponse};
 use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, Instance, InstanceError};
 use tokio::sync::{mpsc, oneshot};
-use tower_http::timeout::TimeoutBody;
 
 use crate::errors::ApiError;
 use crate::gateway::Route;
+use crate::gateway::client::{self, UpstreamBody};
 use crate::gateway::config::RouteTarget;
 use crate::gateway::plugins::Chain;
-use crate::gateway::proxy::{Downstream, LocalUpstreams, upgrade_protocol};
+use crate::gateway::proxy::{Downstream, Exchange, LocalUpstreams, upgrade_protocol};
 use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
 use crate::registry::{DeployedFunction, Registry, Snapshot};
@@ -48,7 +48,7 @@ use crate::worker::{InvokeOutput, Job};
 
 /// A response body: a function's (whole) or an upstream's (streamed, with a timeout on
 /// each wait for more).
-pub type ResponseBody = Either<Full<Bytes>, TimeoutBody<Incoming>>;
+pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
 static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
@@ -396,42 +396,47 @@ impl Worker {
         source_ip: &Arc<str>,
     ) -> Response<ResponseBody> {
         let mut parts = parts;
-        let upgrade = upgrade_protocol(&parts.headers).cloned();
+        let upgrade = upgrade_protocol(&parts).map(<[u8]>::to_vec);
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let downstream = Downstream {
             client_ip: source_ip,
             scheme: "http",
-            upgrade: upgrade.as_ref(),
+            upgrade: upgrade.as_deref(),
         };
-        let mut response = match self
+        let mut exchange = Exchange::default();
+        let connection = match self
             .upstreams
-            .forward(upstream, &parts, body, &downstream)
+            .forward(upstream, &parts, &body, &downstream, &mut exchange)
             .await
         {
-            Ok(response) => response,
+            Ok(connection) => connection,
             Err(error) => {
                 return ApiError::new(error.status(), "upstream", error.message())
                     .to_response()
                     .map(Either::Left);
             }
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream",
-                    "the upstream switched protocols for a request that did not ask to",
-                )
-                .to_response()
-                .map(Either::Left);
-            };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::task::spawn_local(bridge_upgraded(client_upgrade, upstream_upgrade));
-        }
         let read_timeout = Duration::from_millis(upstream.config.read_timeout_ms);
-        response.map(|body| Either::Right(TimeoutBody::new(read_timeout, body)))
+        let response =
+            client::into_response(exchange.response, &exchange.head, connection, read_timeout);
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return response.map(Either::Right);
+        }
+        let (parts, mut body) = response.into_parts();
+        let (Some(client_upgrade), Some((stream, early))) = (client_upgrade, body.take_upgraded())
+        else {
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "the upstream switched protocols for a request that did not ask to",
+            )
+            .to_response()
+            .map(Either::Left);
+        };
+        tokio::task::spawn_local(bridge_upgraded(client_upgrade, stream, early));
+        Response::from_parts(parts, Either::Left(Full::default()))
     }
 
     /// The request body, whole, within the size limit; or the error response.
@@ -774,7 +779,7 @@ impl Worker {
     pub fn forget_removed_upstreams(&self) {
         let snapshot = self.registry.snapshot();
         self.upstreams
-            .retain(|name| snapshot.gateway.upstreams.contains_key(name));
+            .retain(|name| snapshot.gateway.upstreams.get(name).cloned());
     }
 
     /// Brings functions and plugins with a `min` back to it (see `LocalPools::keep_warm`).
@@ -898,17 +903,24 @@ fn missing_target(route: &str, kind: &str, name: &str) -> Response<ResponseBody>
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upgraded
-/// connection to the upstream node, until either side closes.
-async fn bridge_upgraded(client: OnUpgrade, upstream: OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+/// connection to the upstream node (after `early`, what the node sent right after its
+/// `101`), until either side closes.
+async fn bridge_upgraded(client: OnUpgrade, mut upstream: tokio::net::TcpStream, early: Bytes) {
+    use tokio::io::AsyncWriteExt;
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "an upgraded connection could not be taken");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    if !early.is_empty()
+        && let Err(error) = client.write_all(&early).await
+    {
+        tracing::debug!(%error, "an upgraded connection ended with an error");
+        return;
+    }
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%error, "an upgraded connection ended with an error");
     }

@@ -14,8 +14,10 @@
 //! reconciled with each snapshot) and reports node transitions (logs, metrics).
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod health;
+pub mod http1;
 pub mod plugins;
 pub mod proxy;
 

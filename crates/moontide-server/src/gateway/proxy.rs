@@ -2,10 +2,13 @@
 //! this worker thread, retry on another node when the attempt failed in a way the
 //! upstream's policy retries, and hand the response back streaming.
 //!
-//! - **Connections**: one hyper client per upstream per worker thread (its own keep-alive
-//!   pool per node, as nginx keeps one per worker), replaced only when the upstream's
-//!   connection settings change (editing nodes or weights keeps the connections of the
-//!   nodes that stay). The connect timeout is the connector's.
+//! - **Connections**: the gateway's own HTTP/1.1 client (`gateway::client`): a keep-alive
+//!   pool per node per worker thread, as nginx keeps one per worker, replaced only when
+//!   the upstream's keep-alive settings change (editing nodes or weights keeps the
+//!   connections of the nodes that stay; a removed node's pool closes on the next sweep).
+//!   A reused connection the node closed while idle is replaced and the request resent
+//!   when resending is safe (idempotent, or `retry_non_idempotent`), without counting
+//!   against the node.
 //! - **Request body**: read whole (bounded, like a function's) before the first attempt,
 //!   so that a retry can resend it (nginx's `proxy_request_buffering on`).
 //! - **Retries** (`proxy_next_upstream`): a connect failure is always safe to retry (the
@@ -17,8 +20,8 @@
 //!   follows `pass_host`.
 //! - **Timeouts**: `connect` bounds the TCP connect; `send` + `read` bound the time from
 //!   the start of an attempt to the response's headers; the data plane then streams the
-//!   body with `read` as the longest wait for each next piece of it
-//!   (`tower_http::timeout::TimeoutBody`), as nginx's `proxy_read_timeout` does.
+//!   body with `read` as the longest wait for each next piece of it, as nginx's
+//!   `proxy_read_timeout` does.
 //! - **Upgrades** (WebSocket): an upgrade request's handshake is forwarded with its
 //!   `Upgrade` and `Connection: upgrade`; when the node answers `101`, the data plane
 //!   takes both upgraded connections and copies bytes both ways until either side closes
@@ -30,22 +33,20 @@
 //!   A request that ends without an outcome (the client went away) counts neither way.
 //!   No node to pick — every breaker open, or every node tried — answers `503`.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use bytes::BytesMut;
+use http::{Method, StatusCode};
 use moontide_gateway::balance::{self, NodeSet};
 
+use super::client::{self, ExchangeError, NodePool, Pooled};
 use super::config::{HashOn, PassHost, RetryOn, UpstreamConfig};
+use super::http1::{Forwarding, RequestHead, ResponseHead, write_request_head};
 use crate::metrics::AttemptCounters;
 
 /// An upstream ready to serve: its config and the balancer over its nodes (whose shared
@@ -114,33 +115,31 @@ impl ProxyError {
     }
 }
 
-/// One worker thread's clients and balancer state, per upstream.
+/// One worker thread's connection pools and balancer state, per upstream.
 #[derive(Default)]
 pub struct LocalUpstreams {
     upstreams: RefCell<HashMap<Arc<str>, Local>>,
 }
 
 struct Local {
-    /// What the client was built with; a change of these (not of nodes or weights) makes
-    /// a new client, so that editing the nodes keeps the open connections of those that
-    /// stay.
-    settings: ClientSettings,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// What the pools were made with; a change of these (not of nodes or weights) makes
+    /// new pools, so that editing the nodes keeps the open connections of those that stay.
+    settings: PoolSettings,
+    /// Idle connections per node address.
+    pools: HashMap<Arc<str>, Rc<NodePool>>,
     balancer: balance::Local,
 }
 
-/// The upstream settings a client is built from.
+/// The upstream settings a node's pool is made with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ClientSettings {
-    connect_timeout_ms: u64,
+struct PoolSettings {
     keepalive_idle_timeout_ms: u64,
     keepalive_max_idle: u32,
 }
 
-impl ClientSettings {
-    fn of(config: &UpstreamConfig) -> ClientSettings {
-        ClientSettings {
-            connect_timeout_ms: config.connect_timeout_ms,
+impl PoolSettings {
+    fn of(config: &UpstreamConfig) -> PoolSettings {
+        PoolSettings {
             keepalive_idle_timeout_ms: config.keepalive_idle_timeout_ms,
             keepalive_max_idle: config.keepalive_max_idle,
         }
@@ -149,77 +148,75 @@ impl ClientSettings {
 
 impl Local {
     fn new(upstream: &Upstream) -> Local {
-        let config = &upstream.config;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(config.keepalive_idle_timeout_ms))
-            .pool_max_idle_per_host(config.keepalive_max_idle as usize)
-            .build(connector);
         Local {
-            settings: ClientSettings::of(config),
-            client,
+            settings: PoolSettings::of(&upstream.config),
+            pools: HashMap::new(),
             balancer: balance::Local::new(),
         }
     }
+
+    fn pool(&mut self, address: &str) -> Rc<NodePool> {
+        if let Some(pool) = self.pools.get(address) {
+            return pool.clone();
+        }
+        let pool = NodePool::new(
+            self.settings.keepalive_max_idle as usize,
+            Duration::from_millis(self.settings.keepalive_idle_timeout_ms),
+        );
+        self.pools.insert(Arc::from(address), pool.clone());
+        pool
+    }
 }
 
-/// What the proxy needs to know about the client's request besides its parts.
+/// What the proxy needs to know about the client's request besides its head.
 pub struct Downstream<'a> {
     pub client_ip: &'a str,
     pub scheme: &'static str,
     /// The protocol the client asks to switch to (`Upgrade`), when the request is an
     /// upgrade: the handshake is forwarded with its `Upgrade` and `Connection: upgrade`.
-    pub upgrade: Option<&'a HeaderValue>,
+    pub upgrade: Option<&'a [u8]>,
 }
 
 /// The protocol of an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade: X`), if
 /// the request is one.
-pub fn upgrade_protocol(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+pub fn upgrade_protocol<R: RequestHead>(request: &R) -> Option<&[u8]> {
+    let asks = request
+        .header_lines()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, value)| value.split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
     if asks {
-        headers.get(header::UPGRADE)
+        request.header("upgrade")
     } else {
         None
     }
 }
 
 /// The consistent-hash key of a request, per the upstream's `hash_on`.
-fn hash_key<'a>(
+fn hash_key<'a, R: RequestHead>(
     hash_on: Option<&HashOn>,
-    parts: &'a http::request::Parts,
+    request: &'a R,
     downstream: &Downstream<'a>,
-) -> Option<std::borrow::Cow<'a, [u8]>> {
-    use std::borrow::Cow;
+) -> Option<Cow<'a, [u8]>> {
     match hash_on? {
-        HashOn::Header(name) => parts
-            .headers
-            .get(name.as_str())
-            .map(|v| Cow::Borrowed(v.as_bytes())),
-        HashOn::Cookie(name) => parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| Cow::Borrowed(value.as_bytes())),
-        HashOn::Query(name) => parts.uri.query().and_then(|query| {
+        HashOn::Header(name) => request.header(name).map(Cow::Borrowed),
+        HashOn::Cookie(name) => request
+            .header_lines()
+            .filter(|(header, _)| header.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, value)| value.split(|&b| b == b';'))
+            .filter_map(|pair| {
+                let at = pair.iter().position(|&b| b == b'=')?;
+                Some((pair[..at].trim_ascii(), &pair[at + 1..]))
+            })
+            .find(|(key, _)| *key == name.as_bytes())
+            .map(|(_, value)| Cow::Borrowed(value.trim_ascii())),
+        HashOn::Query(name) => request.query().and_then(|query| {
             form_urlencoded::parse(query.as_bytes())
                 .find(|(key, _)| key == name)
                 .map(|(_, value)| Cow::Owned(value.into_owned().into_bytes()))
         }),
         HashOn::ClientIp => Some(Cow::Borrowed(downstream.client_ip.as_bytes())),
-        HashOn::Uri => Some(Cow::Borrowed(parts.uri.path().as_bytes())),
+        HashOn::Uri => Some(Cow::Borrowed(request.path().as_bytes())),
     }
 }
 
@@ -231,97 +228,111 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// The buffers of one proxied request, reusable for the next: the head sent upstream,
+/// the bytes read back, and the response head parsed from them.
+#[derive(Default)]
+pub struct Exchange {
+    pub request: Vec<u8>,
+    pub response: BytesMut,
+    pub head: ResponseHead,
+}
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named by `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-    headers.remove(HeaderName::from_static("proxy-connection"));
+/// How one attempt failed before a response head.
+enum AttemptError {
+    /// No connection: the request never left, so it is always safe to retry.
+    Connect(std::io::Error),
+    Exchange(ExchangeError),
 }
 
 impl LocalUpstreams {
-    /// Sends the request to `upstream`, retrying per its policy.
-    pub async fn forward(
+    /// Sends the request to `upstream`, retrying per its policy. On success the response
+    /// head is in `exchange.head` (its bytes at the start of `exchange.response`, followed
+    /// by whatever of the body has arrived) and the connection to read the rest from is
+    /// returned.
+    pub async fn forward<R: RequestHead>(
         &self,
         upstream: &Upstream,
-        parts: &http::request::Parts,
-        body: Bytes,
+        request: &R,
+        body: &[u8],
         downstream: &Downstream<'_>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        exchange: &mut Exchange,
+    ) -> Result<Pooled, ProxyError> {
         let config = &upstream.config;
-        let client = self.client(upstream);
-        let may_retry = config.retry_non_idempotent || is_idempotent(&parts.method);
+        let may_retry = config.retry_non_idempotent || is_idempotent(request.method());
+        let head_request = *request.method() == Method::HEAD;
         let attempts = 1 + config.retries as usize;
         let deadline = Duration::from_millis(config.send_timeout_ms + config.read_timeout_ms);
-        let key = hash_key(config.hash_on.as_ref(), parts, downstream);
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let key = hash_key(config.hash_on.as_ref(), request, downstream);
+        let client_host = request.client_host();
         let nodes = upstream.balancer.nodes();
         let mut tried = NodeSet::new();
         let mut last = ProxyError::NoNode;
         for attempt in 0..attempts {
-            let Some(pick) = self.pick(upstream, key.as_deref(), &tried) else {
+            let Some((pick, pool)) = self.pick(upstream, key.as_deref(), &tried) else {
                 break;
             };
             tried.insert(pick.index);
             let in_flight = pick.guard;
             let address = nodes[pick.index].key();
-            let request = build_request(upstream, address, parts, body.clone(), downstream);
-            let outcome = tokio::time::timeout(deadline, client.request(request)).await;
+            let host = match &config.pass_host {
+                PassHost::Pass => client_host,
+                PassHost::Node => Some(address.as_bytes()),
+                PassHost::Rewrite(host) => Some(host.as_bytes()),
+            };
+            exchange.request.clear();
+            write_request_head(
+                &mut exchange.request,
+                request,
+                &Forwarding {
+                    host,
+                    client_host,
+                    client_ip: downstream.client_ip,
+                    scheme: downstream.scheme,
+                    upgrade: downstream.upgrade,
+                    body_len: body.len(),
+                },
+            );
+            exchange.request.extend_from_slice(body);
+            let sent = send_to_node(
+                &pool,
+                address,
+                connect_timeout,
+                may_retry,
+                head_request,
+                exchange,
+            );
+            let outcome = tokio::time::timeout(deadline, sent).await;
             let more = attempt + 1 < attempts && tried.len() < nodes.len();
             match outcome {
-                Ok(Ok(response)) => {
-                    let status = response.status().as_u16();
-                    let retry_status = config.retry_on_statuses.contains(&status);
+                Ok(Ok(connection)) => {
+                    let status = exchange.head.status;
                     let attempt = if config.is_failure_status(status) {
                         Attempt::FailedStatus
                     } else {
                         Attempt::Ok
                     };
                     upstream.finish(in_flight, pick.index, attempt);
-                    if retry_status && may_retry && more {
+                    if config.retry_on_statuses.contains(&status) && may_retry && more {
+                        connection.release(false);
                         last = ProxyError::Failed {
                             node: Arc::from(address),
                             message: format!("answered {status}"),
                         };
                         continue;
                     }
-                    let mut response = response;
-                    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    let protocol = response.headers().get(header::UPGRADE).cloned();
-                    strip_hop_by_hop(response.headers_mut());
-                    if let (true, Some(protocol)) = (switched, protocol) {
-                        let headers = response.headers_mut();
-                        headers.insert(header::UPGRADE, protocol);
-                        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    }
-                    return Ok(response);
+                    return Ok(connection);
                 }
                 Ok(Err(error)) => {
                     upstream.finish(in_flight, pick.index, Attempt::Error);
-                    // A failed connect never sent the request: always safe to retry.
                     let retry = config.retry_on.contains(&RetryOn::Error)
-                        && (error.is_connect() || may_retry);
+                        && (matches!(error, AttemptError::Connect(_)) || may_retry);
                     last = ProxyError::Failed {
                         node: Arc::from(address),
-                        message: describe(&error),
+                        message: match error {
+                            AttemptError::Connect(error) => format!("connect: {error}"),
+                            AttemptError::Exchange(error) => error.to_string(),
+                        },
                     };
                     if !(retry && more) {
                         break;
@@ -341,96 +352,85 @@ impl LocalUpstreams {
         Err(last)
     }
 
-    /// This thread's client for `upstream`, made (or remade after a change) on first use.
-    fn client(&self, upstream: &Upstream) -> Client<HttpConnector, Full<Bytes>> {
-        let mut upstreams = self.upstreams.borrow_mut();
-        let local = upstreams
-            .entry(upstream.name.clone())
-            .or_insert_with(|| Local::new(upstream));
-        if local.settings != ClientSettings::of(&upstream.config) {
-            *local = Local::new(upstream);
-        }
-        local.client.clone()
-    }
-
-    /// The next node, among those not tried yet, started (counted in flight).
+    /// The next node, among those not tried yet, started (counted in flight), with this
+    /// thread's pool of connections to it. Makes (or remakes, after a change of pool
+    /// settings) the thread's state for `upstream` on first use.
     fn pick(
         &self,
         upstream: &Upstream,
         key: Option<&[u8]>,
         tried: &NodeSet,
-    ) -> Option<balance::Pick> {
+    ) -> Option<(balance::Pick, Rc<NodePool>)> {
         let mut upstreams = self.upstreams.borrow_mut();
-        let local = upstreams.get_mut(&*upstream.name)?;
-        upstream
+        let local = upstreams
+            .entry(upstream.name.clone())
+            .or_insert_with(|| Local::new(upstream));
+        if local.settings != PoolSettings::of(&upstream.config) {
+            *local = Local::new(upstream);
+        }
+        let pick = upstream
             .balancer
-            .pick(&mut local.balancer, key, tried, Instant::now())
+            .pick(&mut local.balancer, key, tried, Instant::now())?;
+        let pool = local.pool(upstream.balancer.nodes()[pick.index].key());
+        Some((pick, pool))
     }
 
-    /// Drops the clients of upstreams that are gone (their idle connections close).
-    pub fn retain(&self, alive: impl Fn(&str) -> bool) {
-        self.upstreams.borrow_mut().retain(|name, _| alive(name));
+    /// Drops this thread's state for upstreams that are gone and the pools of nodes that
+    /// are gone (their idle connections close), and closes connections idle too long.
+    /// `current` gives an upstream's serving form by name.
+    pub fn retain(&self, current: impl Fn(&str) -> Option<Arc<Upstream>>) {
+        let now = Instant::now();
+        self.upstreams.borrow_mut().retain(|name, local| {
+            let Some(upstream) = current(name) else {
+                return false;
+            };
+            let nodes = upstream.balancer.nodes();
+            local.pools.retain(|address, pool| {
+                pool.sweep(now);
+                nodes.iter().any(|node| node.key() == &**address)
+            });
+            true
+        });
+    }
+
+    /// Idle connections this thread keeps to `address` of `upstream` (for tests).
+    pub fn idle_connections(&self, upstream: &str, address: &str) -> usize {
+        self.upstreams
+            .borrow()
+            .get(upstream)
+            .and_then(|local| local.pools.get(address))
+            .map_or(0, |pool| pool.idle_count())
     }
 }
 
-fn describe(error: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
-fn build_request(
-    upstream: &Upstream,
+/// One attempt on a node: a connection from its pool (or a new one), the request written,
+/// the response head read. A reused connection that the node closed before answering
+/// (it timed it out while idle) is replaced and the request sent again, when resending is
+/// safe.
+async fn send_to_node(
+    pool: &Rc<NodePool>,
     address: &str,
-    parts: &http::request::Parts,
-    body: Bytes,
-    downstream: &Downstream<'_>,
-) -> Request<Full<Bytes>> {
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = format!("http://{address}{path_and_query}");
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    let client_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let host = match &upstream.config.pass_host {
-        PassHost::Pass => client_host.clone(),
-        PassHost::Node => HeaderValue::from_str(address).ok(),
-        PassHost::Rewrite(host) => HeaderValue::from_str(host).ok(),
-    };
-    if let Some(host) = host {
-        headers.insert(header::HOST, host);
+    connect_timeout: Duration,
+    may_resend: bool,
+    head_request: bool,
+    exchange: &mut Exchange,
+) -> Result<Pooled, AttemptError> {
+    loop {
+        let mut connection = client::connection(pool, address, connect_timeout)
+            .await
+            .map_err(AttemptError::Connect)?;
+        let sent = client::exchange(
+            connection.stream(),
+            &exchange.request,
+            &mut exchange.response,
+            &mut exchange.head,
+            head_request,
+        )
+        .await;
+        match sent {
+            Ok(()) => return Ok(connection),
+            Err(error) if connection.reused && may_resend && error.closed_before_answer() => {}
+            Err(error) => return Err(AttemptError::Exchange(error)),
+        }
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {}", downstream.client_ip),
-        None => downstream.client_ip.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(downstream.scheme),
-    );
-    if let Some(host) = client_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-    if let Some(protocol) = downstream.upgrade {
-        headers.insert(header::UPGRADE, protocol.clone());
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    let mut request = Request::new(Full::new(body));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-    *request.headers_mut() = headers;
-    request
 }
