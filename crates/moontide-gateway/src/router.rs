@@ -158,7 +158,7 @@ impl ValueMatch {
 }
 
 /// The parts of a request that routing looks at, borrowed from wherever the server keeps them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// The `Host` header or `:authority`, port included or not.
     pub host: Option<&'a str>,
@@ -167,7 +167,23 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// The raw query string, without the `?`.
     pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a dyn Headers,
+}
+
+/// A request's headers as the router reads them: whether any value of a header passes a
+/// test. Implemented for `http::HeaderMap` and by the data plane's own parsed heads, so
+/// that routing needs no header map built.
+pub trait Headers {
+    /// Whether some value of header `name` passes `test`.
+    fn any_value(&self, name: &HeaderName, test: &mut dyn FnMut(&[u8]) -> bool) -> bool;
+}
+
+impl Headers for HeaderMap {
+    fn any_value(&self, name: &HeaderName, test: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.get_all(name)
+            .iter()
+            .any(|value| test(value.as_bytes()))
+    }
 }
 
 /// The route a request matched, and what the match captured.
@@ -734,8 +750,9 @@ impl<'r, 'q, T> Search<'r, 'q, T> {
             return false;
         }
         let headers_hold = spec.headers.iter().all(|(name, want)| {
-            let mut values = request.headers.get_all(name).iter();
-            values.any(|value| want.matches(value.as_bytes()))
+            request
+                .headers
+                .any_value(name, &mut |value| want.matches(value))
         });
         if !headers_hold {
             return false;

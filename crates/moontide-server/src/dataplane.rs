@@ -19,7 +19,6 @@
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -128,6 +127,12 @@ impl OwnedRequest {
     }
 }
 
+/// Whether a client's `x-request-id` is used as the request's id (else a new one is made):
+/// 1 to 128 visible ASCII characters.
+pub(crate) fn is_sane_request_id(given: &[u8]) -> bool {
+    !given.is_empty() && given.len() <= 128 && given.iter().all(|b| b.is_ascii_graphic())
+}
+
 /// One worker thread's request-serving state.
 pub struct Worker {
     engine: Engine,
@@ -234,16 +239,41 @@ impl Worker {
     /// An id for a request: the client's `x-request-id` if it is sane, else a new one.
     fn request_id(&self, given: Option<&HeaderValue>) -> String {
         if let Some(value) = given
+            && is_sane_request_id(value.as_bytes())
             && let Ok(text) = value.to_str()
-            && !text.is_empty()
-            && text.len() <= 128
-            && text.bytes().all(|b| b.is_ascii_graphic())
         {
             return text.to_string();
         }
+        let id = self.new_request_id();
+        String::from_utf8_lossy(&id).into_owned()
+    }
+
+    /// A new request id: this worker's random prefix and a counter, 20 hex digits.
+    pub(crate) fn new_request_id(&self) -> [u8; 20] {
         let n = self.id_counter.get().wrapping_add(1);
         self.id_counter.set(n);
-        format!("{:012x}{:08x}", self.id_prefix, n)
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut id = [0u8; 20];
+        for (i, slot) in id[..12].iter_mut().enumerate() {
+            *slot = DIGITS[((self.id_prefix >> (4 * (11 - i))) & 0xf) as usize];
+        }
+        for (i, slot) in id[12..].iter_mut().enumerate() {
+            *slot = DIGITS[((n >> (4 * (7 - i))) & 0xf) as usize];
+        }
+        id
+    }
+
+    /// The serving snapshot, through this thread's cache (no lock).
+    pub(crate) fn current_snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow_mut().load().clone()
+    }
+
+    pub(crate) fn upstreams(&self) -> &LocalUpstreams {
+        &self.upstreams
+    }
+
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
     }
 
     async fn handle(
@@ -926,15 +956,18 @@ async fn bridge_upgraded(client: OnUpgrade, mut upstream: tokio::net::TcpStream,
     }
 }
 
-/// Serves one accepted connection on this thread.
-pub fn serve_connection(
+/// Serves a connection with hyper on this thread, HTTP/1.1 or HTTP/2: every request the
+/// front (`crate::front`) does not proxy itself. `io` may start with bytes the front has
+/// already read.
+pub fn serve_connection<I>(
     worker: &Rc<Worker>,
-    stream: tokio::net::TcpStream,
-    remote: SocketAddr,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-) {
+    io: I,
+    peer_ip: Arc<str>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let service_worker = worker.clone();
-    let peer_ip: Arc<str> = Arc::from(remote.ip().to_string());
     let service = hyper::service::service_fn(move |request| {
         let worker = service_worker.clone();
         let peer_ip = peer_ip.clone();
@@ -942,9 +975,9 @@ pub fn serve_connection(
     });
     let connection = worker
         .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
-    let connection = graceful.watch(connection);
+    let connection = watcher.watch(connection);
     tokio::task::spawn_local(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "connection ended with an error");

@@ -21,6 +21,7 @@ pub mod autoscale;
 pub mod budget;
 pub mod dataplane;
 pub mod errors;
+pub mod front;
 pub mod gateway;
 pub mod logs;
 pub mod metrics;

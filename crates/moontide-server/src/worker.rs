@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use moontide_runtime::Engine;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dataplane::{self, OwnedRequest, Role, Worker};
+use crate::dataplane::{OwnedRequest, Role, Worker};
 use crate::errors::ApiError;
+use crate::front;
 use crate::pool;
 use crate::registry::{DeployedFunction, Registry};
 use moontide_runtime::plugin::Phases;
@@ -252,7 +253,10 @@ async fn run_worker(
             return;
         }
     };
+    // Connections hyper serves finish through `graceful`; those the front serves are told
+    // to stop through `stop_front` and are waited for by its closing.
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stop_front, _) = watch::channel(());
 
     let reaper = spawn_reaper(&worker);
 
@@ -261,7 +265,13 @@ async fn run_worker(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let _ = stream.set_nodelay(true);
-                    dataplane::serve_connection(&worker, stream, remote, &graceful);
+                    front::serve_connection(
+                        &worker,
+                        stream,
+                        remote,
+                        graceful.watcher(),
+                        stop_front.subscribe(),
+                    );
                 }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
@@ -277,10 +287,12 @@ async fn run_worker(
     }
     drop(listener);
     // Let the calls in flight finish, bounded by the grace period.
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop_front.send(());
+    let drained = async {
+        stop_front.closed().await;
+        graceful.shutdown().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!("calls still in flight after the shutdown grace period; closing");
     }
     reaper.abort();
