@@ -1,5 +1,6 @@
-//! The data plane: HTTP/1.1 and HTTP/2 (hyper) on the worker threads. Every function
-//! answers at `/fn/{name}` (and `/fn/{name}/...`), and at its configured route; the probes
+//! The data plane: HTTP/1.1 and HTTP/2 (hyper) on the worker threads, for every request
+//! the front (`crate::front`) does not proxy itself. Every function answers at
+//! `/fn/{name}` (and `/fn/{name}/...`), and at its configured route; the probes
 //! `/healthz` and `/readyz` answer here too.
 //!
 //! The request path: a per-thread cached load of the snapshot (no lock), a hash lookup of

@@ -2,7 +2,8 @@
 //! proxy that serves them. `config` holds the wire and stored forms with their validation,
 //! `admin` their admin API; the routing table and the balancing/health/breaker logic live
 //! in the `moontide-gateway` crate (no I/O); `proxy` forwards requests over keep-alive
-//! connections per worker thread; `plugins` runs a route's Lua plugins at their phases.
+//! connections per worker thread through `client`, Moontide's own HTTP/1.1 client, with
+//! the framing rules of `http1`; `plugins` runs a route's Lua plugins at their phases.
 //!
 //! What serves is a [`Gateway`] inside the registry's snapshot: a persistent router
 //! (`moontide_gateway::router::Router`, O(1) to clone, O(log n) to change) and the
