@@ -71,5 +71,5 @@ rps=$(awk '/^Requests\/sec:/ { print $2 }' "$D/wrk.txt")
 echo "$SERVER front thread $TID: $rps req/s (wrk -t1 -c64 -d9s); over 5 s: voluntary switches $((v1 - v0)), involuntary $((n1 - n0))" \
      "= $(awk -v n=$((n1 - n0)) -v r="$rps" 'BEGIN { printf "%.2f", n / (5 * r) }') per request"
 perf report -i "$D/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 5
-perf report -i "$D/perf.data" --no-children --sort dso,sym --stdio -g none --percent-limit 1 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | head -n 25
+perf report -i "$D/perf.data" --no-children --sort dso,sym --stdio -g none --percent-limit "${PERCENT_LIMIT:-1}" 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | head -n "${TOP:-25}"

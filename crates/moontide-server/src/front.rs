@@ -48,8 +48,8 @@ use crate::errors::ApiError;
 use crate::gateway::client::{self, Pooled};
 use crate::gateway::config::RouteTarget;
 use crate::gateway::http1::{
-    ChunkStep, ChunkedDecoder, Framing, MAX_HEAD_BYTES, MAX_HEADERS, RequestHead, connection_names,
-    format_usize, is_hop_by_hop, put_header,
+    ChunkStep, ChunkedDecoder, Framing, MAX_HEAD_BYTES, MAX_HEADERS, RequestHead, format_usize,
+    put_header,
 };
 use crate::gateway::proxy::{Downstream, Exchange, Upstream};
 
@@ -477,24 +477,16 @@ async fn relay(
     let close = close || matches!(relay, Relay::UntilClose);
     output.clear();
     put_status_line(output, head.status, &raw[head.reason.clone()]);
-    let has_connection_header = head
+    let connection_values: Vec<&[u8]> = head
         .headers
         .iter()
-        .any(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"));
-    let connection_values: Vec<&[u8]> = if has_connection_header {
-        head.headers
-            .iter()
-            .filter(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"))
-            .map(|h| &raw[h.value.clone()])
-            .collect()
-    } else {
-        Vec::new()
-    };
+        .filter(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"))
+        .map(|h| &raw[h.value.clone()])
+        .collect();
     for span in &head.headers {
         let name = &raw[span.name.clone()];
-        if is_hop_by_hop(name)
+        if client::drop_response_header(head, name, &connection_values)
             || name.eq_ignore_ascii_case(b"x-request-id")
-            || (has_connection_header && connection_names(&connection_values, name))
         {
             continue;
         }
@@ -502,7 +494,12 @@ async fn relay(
     }
     put_header(output, b"x-request-id", request_id);
     if matches!(relay, Relay::Chunked(_)) {
-        put_header(output, b"transfer-encoding", b"chunked");
+        // The body goes on as it came, so its codings do too (`gzip, chunked` stays so).
+        for span in &head.headers {
+            if raw[span.name.clone()].eq_ignore_ascii_case(b"transfer-encoding") {
+                put_header(output, b"transfer-encoding", &raw[span.value.clone()]);
+            }
+        }
     }
     if close {
         put_header(output, b"connection", b"close");

@@ -250,10 +250,12 @@ pub async fn exchange(
     }
 }
 
-/// Whether the response header `name` (among `connection_values`, the response's
-/// `Connection` header values) is for this hop only.
-fn drop_response_header(name: &[u8], connection_values: &[&[u8]]) -> bool {
+/// Whether a proxy drops the response header `name` of `head`: hop-by-hop ones (and those
+/// the response's `Connection` values name), and a `Content-Length` that
+/// `Transfer-Encoding` overrides (passing both on is how responses get smuggled).
+pub fn drop_response_header(head: &ResponseHead, name: &[u8], connection_values: &[&[u8]]) -> bool {
     is_hop_by_hop(name)
+        || (head.transfer_encoding && name.eq_ignore_ascii_case(b"content-length"))
         || (!connection_values.is_empty() && connection_names(connection_values, name))
 }
 
@@ -277,7 +279,7 @@ pub fn into_response(
     let mut headers = HeaderMap::with_capacity(head.headers.len() + 2);
     for span in &head.headers {
         let name = &raw[span.name.clone()];
-        if drop_response_header(name, &connection_values) {
+        if drop_response_header(head, name, &connection_values) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (

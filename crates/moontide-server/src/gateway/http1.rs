@@ -71,6 +71,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another request after this response's body.
     pub keep_alive: bool,
+    /// The response has `Transfer-Encoding`: its `Content-Length`, if any, is void and a
+    /// proxy must not pass it on (RFC 9112 §6.3 item 3).
+    pub transfer_encoding: bool,
 }
 
 impl Default for ResponseHead {
@@ -82,6 +85,7 @@ impl Default for ResponseHead {
             headers: Vec::new(),
             framing: Framing::Empty,
             keep_alive: false,
+            transfer_encoding: false,
         }
     }
 }
@@ -132,6 +136,7 @@ impl ResponseHead {
             } else {
                 length.framing(true)
             };
+        self.transfer_encoding = length.transfer_encoding;
         self.keep_alive = connection.keep_alive(minor_version)
             && self.framing != Framing::UntilClose
             && !(length.chunked && length.content_length.is_some());
