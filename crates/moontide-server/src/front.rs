@@ -477,20 +477,10 @@ async fn relay(
     let close = close || matches!(relay, Relay::UntilClose);
     output.clear();
     put_status_line(output, head.status, &raw[head.reason.clone()]);
-    let connection_values: Vec<&[u8]> = head
-        .headers
-        .iter()
-        .filter(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"))
-        .map(|h| &raw[h.value.clone()])
-        .collect();
-    for span in &head.headers {
-        let name = &raw[span.name.clone()];
-        if client::drop_response_header(head, name, &connection_values)
-            || name.eq_ignore_ascii_case(b"x-request-id")
-        {
-            continue;
+    for (name, value) in head.end_to_end(raw) {
+        if !name.eq_ignore_ascii_case(b"x-request-id") {
+            put_header(output, name, value);
         }
-        put_header(output, name, &raw[span.value.clone()]);
     }
     put_header(output, b"x-request-id", request_id);
     if matches!(relay, Relay::Chunked(_)) {

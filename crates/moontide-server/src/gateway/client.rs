@@ -34,9 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::http1::{
-    ChunkStep, ChunkedDecoder, Framing, FramingError, ResponseHead, connection_names, is_hop_by_hop,
-};
+use super::http1::{ChunkStep, ChunkedDecoder, Framing, FramingError, ResponseHead};
 
 /// Bytes asked of the kernel per read (grown to this when a buffer runs low).
 const READ_CHUNK: usize = 16 * 1024;
@@ -250,15 +248,6 @@ pub async fn exchange(
     }
 }
 
-/// Whether a proxy drops the response header `name` of `head`: hop-by-hop ones (and those
-/// the response's `Connection` values name), and a `Content-Length` that
-/// `Transfer-Encoding` overrides (passing both on is how responses get smuggled).
-pub fn drop_response_header(head: &ResponseHead, name: &[u8], connection_values: &[&[u8]]) -> bool {
-    is_hop_by_hop(name)
-        || (head.transfer_encoding && name.eq_ignore_ascii_case(b"content-length"))
-        || (!connection_values.is_empty() && connection_names(connection_values, name))
-}
-
 /// The response to hand to hyper: status and end-to-end headers of `head` (whose bytes
 /// start `buffer`), with a body that reads the rest from `connection`. A `101` keeps its
 /// `Upgrade` and gets `Connection: upgrade`; its body is empty and the connection is
@@ -270,22 +259,11 @@ pub fn into_response(
     read_timeout: Duration,
 ) -> Response<UpstreamBody> {
     let raw = &buffer[..head.len];
-    let connection_values: Vec<&[u8]> = head
-        .headers
-        .iter()
-        .filter(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"))
-        .map(|h| &raw[h.value.clone()])
-        .collect();
     let mut headers = HeaderMap::with_capacity(head.headers.len() + 2);
-    for span in &head.headers {
-        let name = &raw[span.name.clone()];
-        if drop_response_header(head, name, &connection_values) {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_bytes(&raw[span.value.clone()]),
-        ) {
+    for (name, value) in head.end_to_end(raw) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
             headers.append(name, value);
         }
     }

@@ -74,6 +74,9 @@ pub struct ResponseHead {
     /// The response has `Transfer-Encoding`: its `Content-Length`, if any, is void and a
     /// proxy must not pass it on (RFC 9112 §6.3 item 3).
     pub transfer_encoding: bool,
+    /// Its `Connection` names headers beyond `close`, `keep-alive` and `upgrade` (which
+    /// are hop-by-hop anyway): those are hop-by-hop too.
+    connection_names_more: bool,
 }
 
 impl Default for ResponseHead {
@@ -86,6 +89,7 @@ impl Default for ResponseHead {
             framing: Framing::Empty,
             keep_alive: false,
             transfer_encoding: false,
+            connection_names_more: false,
         }
     }
 }
@@ -137,10 +141,35 @@ impl ResponseHead {
                 length.framing(true)
             };
         self.transfer_encoding = length.transfer_encoding;
+        self.connection_names_more = connection.other;
         self.keep_alive = connection.keep_alive(minor_version)
             && self.framing != Framing::UntilClose
             && !(length.chunked && length.content_length.is_some());
         Ok(true)
+    }
+
+    /// The header lines a proxy passes on, as (name, value) from `raw` (the buffer the
+    /// head was parsed from): all but hop-by-hop ones (and those its `Connection` names),
+    /// and but a `Content-Length` that `Transfer-Encoding` overrides (passing both on is
+    /// how responses get smuggled).
+    pub fn end_to_end<'b>(&'b self, raw: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> {
+        self.headers
+            .iter()
+            .map(|h| (&raw[h.name.clone()], &raw[h.value.clone()]))
+            .filter(move |(name, _)| {
+                !(is_hop_by_hop(name)
+                    || (self.transfer_encoding && name.eq_ignore_ascii_case(b"content-length"))
+                    || (self.connection_names_more && self.connection_names(raw, name)))
+            })
+    }
+
+    /// Whether one of the head's `Connection` headers names `name`.
+    fn connection_names(&self, raw: &[u8], name: &[u8]) -> bool {
+        self.headers
+            .iter()
+            .filter(|h| raw[h.name.clone()].eq_ignore_ascii_case(b"connection"))
+            .flat_map(|h| raw[h.value.clone()].split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
     }
 
     /// The value of the first header called `name` (ASCII case-insensitive).
@@ -226,6 +255,8 @@ impl BodyLength {
 struct ConnectionTokens {
     close: bool,
     keep_alive: bool,
+    /// A token other than `close`, `keep-alive` and `upgrade`: a header name.
+    other: bool,
 }
 
 impl ConnectionTokens {
@@ -237,6 +268,8 @@ impl ConnectionTokens {
                     self.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     self.keep_alive = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                    self.other = true;
                 }
             }
         }
