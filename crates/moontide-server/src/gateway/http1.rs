@@ -767,6 +767,20 @@ mod tests {
         assert_eq!(&raw[parsed.len..], "rest");
     }
 
+    #[test]
+    fn a_proxy_passes_on_only_end_to_end_headers() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+                   Keep-Alive: timeout=5\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\
+                   X-Kept: 2\r\n\r\n";
+        let parsed = head(raw, false).unwrap().unwrap();
+        let passed: Vec<(&[u8], &[u8])> = parsed.end_to_end(raw.as_bytes()).collect();
+        assert_eq!(passed, vec![(&b"X-Kept"[..], &b"2"[..])]);
+        let raw = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 9\r\n\r\n";
+        let parsed = head(raw, false).unwrap().unwrap();
+        let passed: Vec<(&[u8], &[u8])> = parsed.end_to_end(raw.as_bytes()).collect();
+        assert_eq!(passed, vec![(&b"Content-Length"[..], &b"9"[..])]);
+    }
+
     /// Decodes `input` fed in pieces of `piece` bytes; returns the data and the bytes
     /// after the body.
     fn decode_in_pieces(input: &[u8], piece: usize) -> Result<(Vec<u8>, usize), FramingError> {
