@@ -242,9 +242,16 @@ impl Front {
                                 headers: request.headers,
                             };
                             let body = &input[head_len..head_len + body_len];
-                            let close = client.close || stop.has_changed().unwrap_or(true);
                             let next = proxy(
-                                worker, peer_ip, &head, body, close, stream, exchange, output,
+                                worker,
+                                peer_ip,
+                                &head,
+                                body,
+                                client.close,
+                                stop,
+                                stream,
+                                exchange,
+                                output,
                             )
                             .await;
                             if matches!(next, Next::Again) {
@@ -275,14 +282,17 @@ impl Front {
     }
 }
 
-/// Routes a parsed request; proxies it if its route is a plain upstream route.
+/// Routes a parsed request; proxies it if its route is a plain upstream route. The
+/// answer closes the connection if the client asked (`client_close`) or the worker is
+/// stopping by the time the answer is written.
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
     worker: &Rc<Worker>,
     peer_ip: &Arc<str>,
     request: &FrontRequest<'_>,
     body: &[u8],
-    close: bool,
+    client_close: bool,
+    stop: &watch::Receiver<()>,
     stream: &mut TcpStream,
     exchange: &mut Exchange,
     output: &mut Vec<u8>,
@@ -315,6 +325,7 @@ async fn proxy(
         .upstreams()
         .forward(&upstream, request, body, &downstream, exchange)
         .await;
+    let close = client_close || stop.has_changed().unwrap_or(true);
     let connection = match forwarded {
         Ok(connection) if exchange.head.status != 101 => connection,
         Ok(_) => {

@@ -1299,3 +1299,42 @@ async fn transfer_encoding_wins_over_content_length_and_the_length_is_dropped() 
     assert_eq!(response.text(), "hello world", "{response:?}");
     assert_eq!(response.header("content-length"), None, "{response:?}");
 }
+
+/// Catches: a shutdown that cuts a proxied request the front is serving, leaves an idle
+/// front connection open (the worker would wait out its grace period for it), or answers
+/// the last request without `connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_finishes_the_request_in_flight_and_closes_idle_connections() {
+    let backend = backend(|mut conn, _, seen| async move {
+        while let Ok(Some(request)) = conn.request().await {
+            if request.target.contains("slow") {
+                sleep(Duration::from_millis(700)).await;
+            }
+            seen.lock().unwrap().push(request);
+            if conn.stream.write_all(&ok(b"done")).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let node = node();
+    route_to(&node, "t", backend.address, json!({})).await;
+    let mut idle = Conn::to(&node).await;
+    idle.send(get("/t/fast")).await;
+    assert_eq!(idle.proxied().await.text(), "done");
+    let mut busy = Conn::to(&node).await;
+    busy.send(get("/t/slow")).await;
+    sleep(Duration::from_millis(200)).await;
+    node.sigterm();
+
+    idle.expect_closed().await;
+    let response = busy.proxied().await;
+    assert_eq!((response.status, response.text().as_str()), (200, "done"));
+    assert_eq!(response.header("connection"), Some("close"), "{response:?}");
+    busy.expect_closed().await;
+    let mut node = node;
+    let status = tokio::task::spawn_blocking(move || node.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
