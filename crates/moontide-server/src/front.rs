@@ -27,6 +27,10 @@
 //! and then the client connection is closed. `read` is the longest wait for each next
 //! piece of the body, as on the hyper path.
 //!
+//! Client timeouts: a request head must arrive whole within 30 s of the wait for it
+//! starting (idle keep-alive time included, as hyper's `header_read_timeout`); after the
+//! head, each next piece of the body within 60 s (nginx's `client_body_timeout`).
+//!
 //! Graceful shutdown: an idle connection closes at once; a connection in the middle of a
 //! request finishes it, answering with `Connection: close`.
 
@@ -56,6 +60,10 @@ use crate::gateway::proxy::{Downstream, Exchange, Upstream};
 /// Longest wait for a whole request head, idle keep-alive time included (as hyper's
 /// `header_read_timeout` on the hyper path).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait for each next piece of a request body (nginx's `client_body_timeout`): a
+/// slow upload goes on as long as it keeps moving.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most bytes copied into the response head's buffer from the body so that both go out in
 /// one write; a larger first piece is written after the head.
@@ -198,6 +206,7 @@ impl Front {
     /// Reads one request and serves it, or decides that hyper should.
     async fn serve_one(&mut self, worker: &Rc<Worker>, peer_ip: &Arc<str>) -> Next {
         let head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        let mut waiting_for_body = false;
         loop {
             let Front {
                 stream,
@@ -259,6 +268,7 @@ impl Front {
                             }
                             return next;
                         }
+                        waiting_for_body = true;
                     }
                     Ok(httparse::Status::Partial) if input.len() >= MAX_HEAD_BYTES => {
                         return Next::ToHyper;
@@ -269,13 +279,18 @@ impl Front {
             }
             // More of the request is needed.
             let idle = input.is_empty();
+            let deadline = if waiting_for_body {
+                tokio::time::Instant::now() + BODY_READ_TIMEOUT
+            } else {
+                head_deadline
+            };
             tokio::select! {
                 biased;
                 read = client::read_some(stream, input) => match read {
                     Ok(0) | Err(_) => return Next::Close,
                     Ok(_) => {}
                 },
-                _ = tokio::time::sleep_until(head_deadline) => return Next::Close,
+                _ = tokio::time::sleep_until(deadline) => return Next::Close,
                 _ = stop.changed(), if idle => return Next::Close,
             }
         }

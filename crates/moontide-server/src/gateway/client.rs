@@ -89,11 +89,6 @@ impl NodePool {
             .borrow_mut()
             .retain(|c| now.saturating_duration_since(c.since) < self.idle_timeout);
     }
-
-    /// Idle connections now (for tests and status).
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().len()
-    }
 }
 
 /// Whether an idle connection has seen neither data nor a close. After a response read

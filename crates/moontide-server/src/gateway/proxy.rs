@@ -392,15 +392,6 @@ impl LocalUpstreams {
             true
         });
     }
-
-    /// Idle connections this thread keeps to `address` of `upstream` (for tests).
-    pub fn idle_connections(&self, upstream: &str, address: &str) -> usize {
-        self.upstreams
-            .borrow()
-            .get(upstream)
-            .and_then(|local| local.pools.get(address))
-            .map_or(0, |pool| pool.idle_count())
-    }
 }
 
 /// One attempt on a node: a connection from its pool (or a new one), the request written,
