@@ -29,6 +29,7 @@ pub mod compile;
 pub mod contract;
 mod engine;
 mod fairness;
+pub mod guards;
 mod instance;
 mod limits;
 pub mod modules;

@@ -292,6 +292,7 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
         lua.create_function(move |_, name: String| Ok(env.get(&name).cloned()))?,
     )?;
 
+    crate::guards::install(&lua, spec.limits.memory_bytes)?;
     lua.sandbox(true)?;
 
     // The interrupt is installed switched off; the watchdog arms it when a call's slice
