@@ -146,9 +146,11 @@ fn sparse_move_plan(
     if !matches!(arg(0), Value::Table(_)) || !matches!(arg(4), Value::Nil | Value::Table(_)) {
         return Ok(None);
     }
-    let (Some(first), Some(last), Some(to)) =
-        (luau_int(lua, &arg(1))?, luau_int(lua, &arg(2))?, luau_int(lua, &arg(3))?)
-    else {
+    let (Some(first), Some(last), Some(to)) = (
+        luau_int(lua, &arg(1))?,
+        luau_int(lua, &arg(2))?,
+        luau_int(lua, &arg(3))?,
+    ) else {
         return Ok(None);
     };
     if last < first {

@@ -291,6 +291,14 @@ impl Instance {
         self.last_call.get()
     }
 
+    /// Sets the timeslice after which a running call yields to its thread's I/O loop
+    /// (default [`crate::sandbox::TIMESLICE_MS`]). Zero preempts at about every other
+    /// safepoint (seeded, so runs repeat): tests use it to prove that forced yields never
+    /// change what a program computes.
+    pub fn set_timeslice(&self, slice: Duration) {
+        self.state.slice_ms.set(slice.as_millis() as u64);
+    }
+
     /// Caps how long one call may hold the thread without yielding (`None`: no cap).
     /// Threads that serve many functions set it; a thread given to long calls does not.
     pub fn set_blocking_cap(&self, cap: Option<Duration>) {
@@ -367,8 +375,8 @@ impl Instance {
                     };
                     let now = clock::now_ms();
                     state.resumed_at_ms.set(now);
+                    state.before_resume();
                     state.new_slice(now);
-                    state.slice_yielded.set(false);
                     fairness::note_poll();
                     let cpu_started = used_a_slice.then(thread_cpu_time);
                     let started = Instant::now();

@@ -34,6 +34,7 @@ mod instance;
 mod limits;
 pub mod modules;
 pub mod plugin;
+mod preempt;
 pub mod sandbox;
 #[allow(unsafe_code)]
 mod watchdog;

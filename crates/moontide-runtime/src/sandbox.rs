@@ -28,6 +28,7 @@ use crate::instance::LogSink;
 use crate::limits::Limits;
 use crate::modules;
 use crate::modules::log::EmitLog;
+use crate::preempt::{self, Preemption, Running};
 use crate::watchdog::InterruptSwitch;
 
 /// How often a long-running call yields back to the I/O loop of its thread, in coarse
@@ -73,6 +74,13 @@ pub(crate) struct CallState {
     pub request_id: RefCell<Rc<str>>,
     /// Turns the state's interrupt on and off (set once, right after the state is built).
     switch: OnceCell<Arc<InterruptSwitch>>,
+    /// Length of a timeslice in coarse-clock ms. 0 (tests only): preempt at about every
+    /// other safepoint, chosen by a seeded generator (see `chaos`).
+    pub slice_ms: Cell<u64>,
+    /// State of the xorshift generator of the zero-length slice.
+    chaos: Cell<u64>,
+    /// Which tenant coroutine the interrupt yielded, for the coroutine wrappers.
+    preemption: OnceCell<Rc<Preemption>>,
 }
 
 impl CallState {
@@ -86,7 +94,16 @@ impl CallState {
             blocking_cap_ms: Cell::new(u64::MAX),
             request_id: RefCell::new(Rc::from("init")),
             switch: OnceCell::new(),
+            slice_ms: Cell::new(TIMESLICE_MS),
+            chaos: Cell::new(0x9E37_79B9_7F4A_7C15),
+            preemption: OnceCell::new(),
         }
+    }
+
+    fn preemption(&self) -> &Rc<Preemption> {
+        self.preemption
+            .get()
+            .expect("the preemption state is installed when the sandbox is built")
     }
 
     pub fn switch(&self) -> &Arc<InterruptSwitch> {
@@ -113,9 +130,19 @@ impl CallState {
     /// Starts a fresh timeslice at `now_ms` and tells the watchdog when to arm the
     /// interrupt next: at the end of the slice or at the deadline, whichever is first.
     pub fn new_slice(&self, now_ms: u64) {
-        let slice_end = now_ms + TIMESLICE_MS;
-        self.slice_end_ms.set(slice_end);
-        self.schedule_interrupt();
+        let slice_ms = self.slice_ms.get();
+        self.slice_end_ms.set(now_ms + slice_ms);
+        if slice_ms == 0 {
+            self.switch().arm();
+        } else {
+            self.schedule_interrupt();
+        }
+    }
+
+    /// The host is about to resume its call. (Marks of tenant coroutines stay: a wrapper
+    /// that was itself preempted before it looked at its coroutine still needs its mark.)
+    pub fn before_resume(&self) {
+        self.slice_yielded.set(false);
     }
 
     fn schedule_interrupt(&self) {
@@ -132,7 +159,7 @@ impl CallState {
     /// so that every later safepoint raises again and a `pcall` cannot swallow the error),
     /// or yields at the end of a timeslice. It runs only when the watchdog armed it, and
     /// switches itself off.
-    fn interrupt(&self) -> mlua::Result<VmState> {
+    fn interrupt(&self, lua: &Lua) -> mlua::Result<VmState> {
         let switch = self.switch();
         switch.disarm();
         let now = clock::now_ms();
@@ -150,16 +177,41 @@ impl CallState {
                 LimitHit::Blocking => "function held its thread too long without yielding",
             }));
         }
+        if self.slice_ms.get() == 0 && !self.chaos() {
+            // Zero-length slices go on at about every other safepoint: a yielded coroutine
+            // re-runs the instruction it stopped at, so yielding at every one would make no
+            // progress; a random choice cannot fall into step with the code.
+            self.switch().arm();
+            return Ok(VmState::Continue);
+        }
         if now >= self.slice_end_ms.get() {
-            // If the interrupt cannot yield here (inside a C call), mlua continues; the
-            // next slice's end arms it again.
             self.new_slice(now);
+            // A tenant coroutine's yield is marked for the wrappers (`preempt`), which pass
+            // it on to the host; one that cannot yield now (inside a C call) goes on, and
+            // the next slice's end arms the interrupt again. The host's own coroutine
+            // yields to the host (if it cannot, mlua goes on).
+            let preemption = self.preemption();
+            match preemption.running(lua) {
+                Running::Host => {}
+                Running::TenantCoroutine(thread) => preemption.mark_forced(thread),
+                Running::Unyieldable => return Ok(VmState::Continue),
+            }
             self.slice_yielded.set(true);
             return Ok(VmState::Yield);
         }
         // Armed early (a slice of an earlier resume): reschedule.
         self.schedule_interrupt();
         Ok(VmState::Continue)
+    }
+
+    /// One step of the zero-length slice's generator: `true` to preempt here.
+    fn chaos(&self) -> bool {
+        let mut x = self.chaos.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.chaos.set(x);
+        x & 1 == 1
     }
 
     /// Milliseconds left in the current call (0 when past the deadline or idle).
@@ -293,12 +345,16 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     )?;
 
     crate::guards::install(&lua, spec.limits.memory_bytes)?;
+    let preemption = Rc::new(Preemption::new(&lua));
+    let _ = state.preemption.set(preemption.clone());
+    let pass_state = state.clone();
+    preempt::install(&lua, preemption, move || pass_state.slice_yielded.set(true))?;
     lua.sandbox(true)?;
 
     // The interrupt is installed switched off; the watchdog arms it when a call's slice
     // or deadline is due, so safepoints cost nothing until then.
     let interrupt_state = state.clone();
-    let switch = InterruptSwitch::install(&lua, move |_| interrupt_state.interrupt())?;
+    let switch = InterruptSwitch::install(&lua, move |lua| interrupt_state.interrupt(lua))?;
     let _ = state.switch.set(Arc::new(switch));
 
     let main = load_module(&lua, &spec.function.main)?;

@@ -180,6 +180,18 @@ pub(crate) fn tick(now_ms: u64) {
     });
 }
 
+/// `true` if `thread` (the coroutine running now) can yield at this point: Luau's
+/// `lua_isyieldable`, false inside a C call (a `table.sort` comparator, a metamethod).
+/// mlua makes the same check before it yields from the interrupt; asking first lets the
+/// interrupt mark only yields that really happen (`preempt`).
+pub(crate) fn is_yieldable(thread: &mlua::Thread) -> bool {
+    let state = thread.to_pointer() as *mut ffi::lua_State;
+    // SAFETY: `thread` is a live reference to a Lua thread, so `state` is its valid
+    // `lua_State`; `lua_isyieldable` only reads two counters of it, on the thread that owns
+    // the state (the interrupt runs on the Lua thread itself).
+    !state.is_null() && unsafe { ffi::lua_isyieldable(state) != 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
