@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, Table, Value};
 
+use moontide_supervisor::recorder;
+
 use crate::clock;
 use crate::compile::CompiledFunction;
 use crate::contract::{self, HttpRequest, HttpResponse};
@@ -167,6 +169,9 @@ pub struct Instance {
     broken: Cell<bool>,
     calls_in_flight: Cell<u32>,
     last_call: Cell<CallStats>,
+    /// The function version, for the flight recorder (`moontide_supervisor::recorder`).
+    function_name: Arc<str>,
+    version: u64,
 }
 
 /// What the last call cost its thread.
@@ -224,6 +229,8 @@ impl Instance {
             broken: Cell::new(false),
             calls_in_flight: Cell::new(0),
             last_call: Cell::new(CallStats::default()),
+            function_name: spec.function_name.clone(),
+            version: spec.version,
         };
         let init = sandbox.main;
         let result = instance
@@ -380,7 +387,10 @@ impl Instance {
                     fairness::note_poll();
                     let cpu_started = used_a_slice.then(thread_cpu_time);
                     let started = Instant::now();
+                    // If tenant code crashes the process now, the supervisor learns who.
+                    let running = recorder::running(&self.function_name, self.version);
                     let poll = call.as_mut().poll(cx);
+                    drop(running);
                     drop(cap);
                     frame.limit_hit = state.limit_hit.get();
                     let ran = started.elapsed();

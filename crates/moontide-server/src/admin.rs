@@ -351,6 +351,22 @@ async fn function_info(
             "live_instances": deployed.map(|f| f.pool.live()).unwrap_or(0),
             "instances": deployed.map(|f| f.pool.status()),
             "url_path": format!("/fn/{name}"),
+            // Set while the serving version is refused for crashing the node.
+            "quarantine": deployed.and_then(|f| f.quarantine.as_deref()).map(|record| json!({
+                "version": record.version,
+                "since_ms": record.quarantined_since_ms,
+                "crashes": record.crashes,
+                "last_signal": record.last_signal,
+                "reason": format!(
+                    "version {} crashed the node {} times (last by {}); deploy a new version to \
+                     lift the quarantine",
+                    record.version, record.crashes, record.last_signal
+                ),
+            })),
+            // Every version of this function that ever crashed the node.
+            "crashes": state.registry.crashes.versions.iter()
+                .filter(|record| record.function == name)
+                .collect::<Vec<_>>(),
         }),
     ))
 }

@@ -1072,6 +1072,24 @@ fn acquire_failure(function: &DeployedFunction, error: AcquireError, request_id:
         AcquireError::Init(InstanceError::Init(error)) => {
             call_failure(function, &error, request_id)
         }
+        AcquireError::Quarantined(record) => {
+            function.metrics.error("quarantined");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "function_quarantined",
+                format!(
+                    "version {} of function {} is quarantined: it crashed the node {} times \
+                     (last: {}); deploy a new version to lift it",
+                    record.version, function.name, record.crashes, record.last_signal
+                ),
+            )
+            .with_details(serde_json::json!({
+                "request_id": request_id,
+                "version": record.version,
+                "crashes": record.crashes,
+                "quarantined_since_ms": record.quarantined_since_ms,
+            }))
+        }
         AcquireError::Init(error) => {
             function.metrics.error(error.kind());
             ApiError::new(

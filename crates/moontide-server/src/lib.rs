@@ -40,10 +40,12 @@ use moontide_store::{SqliteStore, Store};
 
 use crate::admin::AdminState;
 use crate::budget::NodeBudget;
-use crate::logs::LogHub;
+use crate::logs::{LogHub, LogRecord};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::worker::{WorkerConfig, Workers};
+use moontide_supervisor::ledger::Ledger;
+use moontide_supervisor::supervise::Inherited;
 
 /// How a node is run.
 #[derive(Debug, Clone)]
@@ -90,11 +92,6 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("store: {0}")]
     Store(#[from] moontide_store::StoreError),
     #[error("runtime: {0}")]
@@ -134,30 +131,44 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-/// Pending connections a listener queues before the kernel drops new ones. Rust's std
-/// listens with 128; a burst of new clients after a stall overflowed it (each dropped SYN
-/// costs its client a 1 s retransmit, seen in the churn benchmark). nginx uses 511, the
-/// OpenResty anchor 4096; the kernel caps it at `net.core.somaxconn`.
-const LISTEN_BACKLOG: i32 = 4096;
-
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let listen = || -> std::io::Result<std::net::TcpListener> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        // As std does on Unix: a restarted node may bind while old connections linger.
-        #[cfg(unix)]
-        socket.set_reuse_address(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        Ok(socket.into())
-    };
-    listen().map_err(|source| ServeError::Bind { addr, source })
+/// Tells each function that crashed the node, in its own log, what the supervisor
+/// recorded (the log of the process that crashed died with it).
+fn log_crashes(logs: &LogHub, crashes: &Ledger) {
+    for record in &crashes.versions {
+        let quarantine = match record.quarantined_since_ms {
+            Some(since) => format!(
+                "; quarantined since {} (calls answer 503 function_quarantined; deploy a new \
+                 version to lift it)",
+                moontide_runtime::modules::time::iso8601(since as f64 / 1000.0).unwrap_or_default()
+            ),
+            None => format!(
+                "; quarantined at {} crashes",
+                moontide_supervisor::ledger::QUARANTINE_AFTER
+            ),
+        };
+        logs.function(&record.function).push(LogRecord {
+            ts_ms: record.last_crash_ms,
+            level: "error",
+            version: record.version,
+            request_id: "supervisor".to_string(),
+            message: format!(
+                "version {} crashed the node {} time(s), last by {} at {}{quarantine}",
+                record.version,
+                record.crashes,
+                record.last_signal,
+                moontide_runtime::modules::time::iso8601(record.last_crash_ms as f64 / 1000.0)
+                    .unwrap_or_default()
+            ),
+        });
+    }
 }
 
-/// Runs a node until `shutdown` resolves. `on_ready` receives the bound data-plane and
-/// admin addresses once both listen.
+/// Runs a node until `shutdown` resolves, on the listeners the supervisor bound and handed
+/// over (`moontide_supervisor::supervise`). `on_ready` receives the bound data-plane and
+/// admin addresses once the first snapshot serves.
 pub async fn serve(
     config: ServeConfig,
+    listeners: Inherited,
     shutdown: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(SocketAddr, SocketAddr),
 ) -> Result<(), ServeError> {
@@ -185,10 +196,18 @@ pub async fn serve(
         metrics.node_instances.clone(),
         metrics.node_memory.clone(),
     ));
-    let registry = Arc::new(Registry::new(metrics, Arc::new(LogHub::default()), budget));
+    // The crash ledger changes only between node processes (the supervisor writes it).
+    let crashes = Ledger::load(&config.data_dir).unwrap_or_else(|error| {
+        tracing::error!(%error, "the crash ledger is unreadable; no version is quarantined");
+        Ledger::default()
+    });
+    metrics.load_crash_ledger(&crashes);
+    let logs = Arc::new(LogHub::default());
+    log_crashes(&logs, &crashes);
+    let registry = Arc::new(Registry::new(metrics, logs, budget, crashes));
 
-    let data_listener = bind(config.listen)?;
-    let admin_listener = bind(config.admin)?;
+    let data_listener = listeners.data;
+    let admin_listener = listeners.admin;
     let data_addr = data_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     if !admin_addr.ip().is_loopback() {
@@ -198,6 +217,12 @@ pub async fn serve(
     let builder = tokio::spawn(registry::run_builder(registry.clone(), store.clone()));
     // Active health checks run here, on the admin runtime, never on data-plane workers.
     let checker = tokio::spawn(gateway::health::run(registry.clone()));
+    // Serve nothing before the first snapshot is loaded: the listeners may already hold
+    // connections (queued while a crashed node restarted), and an empty snapshot would
+    // answer them 404.
+    while !registry.is_ready() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (stop_workers, stopped) = tokio::sync::watch::channel(false);
     let workers = Arc::new(Workers::start(WorkerConfig {
         count: config.workers,
@@ -218,6 +243,7 @@ pub async fn serve(
         node: serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
+            "restarts": listeners.restarts,
             "workers": config.workers.max(1),
             "data_plane": data_addr.to_string(),
             "admin": admin_addr.to_string(),
@@ -238,10 +264,6 @@ pub async fn serve(
         }
     });
 
-    // Ready once the first snapshot is loaded.
-    while !registry.is_ready() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     on_ready(data_addr, admin_addr);
 
     shutdown.await;

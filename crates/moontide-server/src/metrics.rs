@@ -292,6 +292,10 @@ pub struct Metrics {
     exported_nodes: parking_lot::Mutex<std::collections::HashSet<NodeLabels>>,
     plugin_phase_calls: Family<PhaseLabels, Counter>,
     plugin_phase_errors: Family<PhaseErrorLabels, Counter>,
+    crashes: Family<FunctionLabels, Counter>,
+    quarantined: Family<FunctionLabels, Gauge>,
+    node_restarts: Counter,
+    unattributed_crashes: Counter,
     pub config_revision: Gauge,
     pub functions: Gauge,
     pub node_instances: Gauge,
@@ -323,6 +327,10 @@ impl Metrics {
         let upstream_events = UpstreamEvents::default();
         let plugin_phase_calls = Family::<PhaseLabels, Counter>::default();
         let plugin_phase_errors = Family::<PhaseErrorLabels, Counter>::default();
+        let crashes = Family::<FunctionLabels, Counter>::default();
+        let quarantined = Family::<FunctionLabels, Gauge>::default();
+        let node_restarts = Counter::default();
+        let unattributed_crashes = Counter::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         let node_instances = Gauge::default();
@@ -436,6 +444,27 @@ impl Metrics {
         );
         registry.register("functions", "Functions deployed", functions.clone());
         registry.register(
+            "function_crashes",
+            "Times the node process died of a signal while this function's Lua ran (all \
+             versions; from the crash ledger, so it survives the restarts)",
+            crashes.clone(),
+        );
+        registry.register(
+            "function_quarantined",
+            "1 while the serving version of a function is quarantined for crashing the node",
+            quarantined.clone(),
+        );
+        registry.register(
+            "node_restarts",
+            "Times the supervisor started the node process again after it died of a signal",
+            node_restarts.clone(),
+        );
+        registry.register(
+            "node_crashes_unattributed",
+            "Node process deaths no function was blamed for (host code, or no signal handler ran)",
+            unattributed_crashes.clone(),
+        );
+        registry.register(
             "upstream_node_healthy",
             "Whether an upstream node is healthy (1) or ejected by health checks (0)",
             node_healthy.clone(),
@@ -482,6 +511,10 @@ impl Metrics {
             shed,
             plugin_phase_calls,
             plugin_phase_errors,
+            crashes,
+            quarantined,
+            node_restarts,
+            unattributed_crashes,
             config_revision,
             functions,
             node_instances,
@@ -489,6 +522,29 @@ impl Metrics {
             node_memory,
             node_memory_budget,
         }
+    }
+
+    /// Counts what the crash ledger holds (once, when the node starts: the ledger changes
+    /// only between node processes).
+    pub fn load_crash_ledger(&self, ledger: &moontide_supervisor::ledger::Ledger) {
+        for record in &ledger.versions {
+            self.crashes
+                .get_or_create(&FunctionLabels {
+                    function: record.function.clone(),
+                })
+                .inc_by(u64::from(record.crashes));
+        }
+        self.node_restarts.inc_by(ledger.restarts);
+        self.unattributed_crashes.inc_by(ledger.unattributed);
+    }
+
+    /// Sets whether `function`'s serving version is quarantined.
+    pub fn set_quarantined(&self, function: &str, quarantined: bool) {
+        self.quarantined
+            .get_or_create(&FunctionLabels {
+                function: function.to_string(),
+            })
+            .set(i64::from(quarantined));
     }
 
     /// The handles one function's calls use.

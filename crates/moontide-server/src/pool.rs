@@ -189,6 +189,8 @@ pub enum AcquireError {
     Shed(Shed),
     /// Creating an instance failed (init code error, limit hit during init).
     Init(InstanceError),
+    /// The version is quarantined: it crashed the node (see `moontide_supervisor::ledger`).
+    Quarantined(Arc<moontide_supervisor::ledger::CrashRecord>),
 }
 
 /// An instance with the bytes the node budget has it accounted at, shared by the leases
@@ -633,6 +635,9 @@ impl LocalPools {
         engine: &Engine,
         function: &Arc<DeployedFunction>,
     ) -> Result<Lease, AcquireError> {
+        if let Some(record) = &function.quarantine {
+            return Err(AcquireError::Quarantined(record.clone()));
+        }
         let now = Instant::now();
         // The common case in one lookup: count the call, take a share of a warm instance.
         let (start_tick, share) = self.with_pool(function, |pool| {

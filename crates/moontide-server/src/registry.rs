@@ -48,6 +48,9 @@ pub struct DeployedFunction {
     /// Set once a call of this function held its thread longer than a timeslice; shared
     /// by every version of the function, so a redeploy does not reset it.
     long_running: Arc<AtomicBool>,
+    /// Set when this version crashed the node often enough to be quarantined (the crash
+    /// ledger): its calls are refused with `503 function_quarantined`.
+    pub quarantine: Option<Arc<moontide_supervisor::ledger::CrashRecord>>,
 }
 
 impl DeployedFunction {
@@ -117,11 +120,20 @@ pub struct Registry {
     pub budget: Arc<NodeBudget>,
     /// Per function name: whether its calls are long-running (outlives versions).
     long_running: parking_lot::Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// The crash ledger as this node process found it at start (only the supervisor
+    /// writes it, between node processes).
+    pub crashes: moontide_supervisor::ledger::Ledger,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>, logs: Arc<LogHub>, budget: Arc<NodeBudget>) -> Registry {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        logs: Arc<LogHub>,
+        budget: Arc<NodeBudget>,
+        crashes: moontide_supervisor::ledger::Ledger,
+    ) -> Registry {
         Registry {
+            crashes,
             budget,
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             published: watch::channel(None).0,
@@ -245,6 +257,12 @@ impl Registry {
         })?;
         let label: Arc<str> = Arc::from(name);
         let metrics = self.metrics.function(name);
+        let quarantine = self
+            .crashes
+            .get(name, version)
+            .filter(|record| record.quarantined_since_ms.is_some())
+            .map(|record| Arc::new(record.clone()));
+        self.metrics.set_quarantined(name, quarantine.is_some());
         let spec = InstanceSpec {
             function_name: label.clone(),
             version,
@@ -270,6 +288,7 @@ impl Registry {
             config: config.clone(),
             metrics,
             source_revision,
+            quarantine,
             long_running: self
                 .long_running
                 .lock()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use moontide_server::ServeConfig;
+use moontide_supervisor::supervise;
 use serde_json::{Value, json};
 
 use crate::client::Client;
@@ -280,20 +281,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: ServeConfig, examples: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let data_dir = config.data_dir.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    match supervise::inherited() {
+        Some(inherited) => {
+            let inherited = inherited.context("taking the listeners from the supervisor")?;
+            serve_node(config, inherited, examples).await
+        }
+        None => supervise(config).await,
+    }
+}
+
+/// The supervisor (ARCHITECTURE.md, "Isolation"): binds the listeners, then runs the node
+/// as a child process on them, again after each crash.
+async fn supervise(config: ServeConfig) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let supervisor = supervise::Supervisor {
+        data: supervise::bind(config.listen)?,
+        admin: supervise::bind(config.admin)?,
+        data_dir: config.data_dir,
+    };
+    Ok(supervisor.run().await?)
+}
+
+/// The node itself, in the supervisor's child.
+async fn serve_node(
+    config: ServeConfig,
+    inherited: supervise::Inherited,
+    examples: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let data_dir = config.data_dir.clone();
+    moontide_supervisor::recorder::install(&data_dir).context("mapping the flight recorder")?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let server = moontide_server::serve(config, shutdown_signal(), move |data, admin| {
-        // Tests and scripts read these two lines to find the ports.
-        println!("moontide: data plane listening on http://{data}");
-        println!("moontide: admin API listening on http://{admin}");
-        let _ = ready_tx.send(admin);
-    });
+    let server =
+        moontide_server::serve(config, inherited, shutdown_signal(), move |data, admin| {
+            // Tests and scripts read these two lines to find the ports.
+            println!("moontide: data plane listening on http://{data}");
+            println!("moontide: admin API listening on http://{admin}");
+            let _ = ready_tx.send(admin);
+        });
     let deployer = async move {
         let Ok(admin) = ready_rx.await else { return };
         if let Some(dir) = examples

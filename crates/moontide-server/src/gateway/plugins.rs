@@ -256,5 +256,23 @@ fn acquire_failure(plugin: &DeployedPlugin, error: AcquireError, request_id: &st
             )
             .with_details(serde_json::json!({"request_id": request_id, "plugin": &*plugin.name}))
         }
+        AcquireError::Quarantined(record) => {
+            unit.metrics.error("quarantined");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "plugin_quarantined",
+                format!(
+                    "plugin {} is quarantined: it crashed the node {} times (last: {}); \
+                     put it again to lift it",
+                    plugin.name, record.crashes, record.last_signal
+                ),
+            )
+            .with_details(serde_json::json!({
+                "request_id": request_id,
+                "plugin": &*plugin.name,
+                "crashes": record.crashes,
+                "quarantined_since_ms": record.quarantined_since_ms,
+            }))
+        }
     }
 }

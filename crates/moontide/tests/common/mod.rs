@@ -41,8 +41,20 @@ impl Node {
         node
     }
 
+    /// A node on a fresh data dir, with extra `serve` flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = Node::start_in_with_env(dir.path().to_path_buf(), extra, env);
+        node._dir = Some(dir);
+        node
+    }
+
     /// A node on `data_dir` (e.g. again after a kill), with extra `serve` flags.
     pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> Node {
+        Node::start_in_with_env(data_dir, extra, &[])
+    }
+
+    fn start_in_with_env(data_dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Node {
         // Server logs go to a file: a pipe inherited by a server that outlives a killed
         // test would keep the test runner's output open.
         let log = std::fs::OpenOptions::new()
@@ -62,6 +74,7 @@ impl Node {
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
