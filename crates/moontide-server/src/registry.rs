@@ -255,6 +255,7 @@ impl Registry {
                 version,
             }),
             kind,
+            egress: config.egress(),
         };
         Ok(DeployedFunction {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
