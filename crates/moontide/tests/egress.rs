@@ -227,7 +227,12 @@ async fn by_default_the_node_itself_loopback_and_metadata_are_denied() {
 #[tokio::test]
 async fn a_node_allowlist_opens_backends_but_never_the_node_and_redirects_are_checked() {
     let backend = backend();
-    let node = Node::start_with(&["--egress-allow", "127.0.0.1/32"]);
+    let node = Node::start_with(&[
+        "--egress-allow",
+        "127.0.0.1/32",
+        "--egress-allow",
+        "10.0.0.0/8:443",
+    ]);
     node.deploy("probe", PROBE, json!({})).await;
     let admin_port = port_of(&node.admin).to_string();
     let data_port = port_of(&node.data).to_string();
@@ -279,7 +284,12 @@ async fn a_node_allowlist_opens_backends_but_never_the_node_and_redirects_are_ch
     let (_, status) = node
         .admin_json(reqwest::Method::GET, "/v1/status", None)
         .await;
-    assert_eq!(status["node"]["egress_allow"], json!(["127.0.0.1"]));
+    assert_eq!(
+        status["node"]["egress_allow"],
+        json!(["127.0.0.1", "10.0.0.0/8:443"])
+    );
+    // Opened on one port only (checked without a packet: the port is refused first).
+    denied(&node, "probe", "http://10.0.0.1:8080/", "private").await;
     let metrics = node.metrics().await;
     assert_eq!(
         metric_value(
@@ -303,6 +313,15 @@ async fn a_function_allowlist_opens_only_what_it_names_for_that_function() {
 
     node.cli_ok(&["deploy", "own", &probe_file, "--egress-allow", &b]);
     node.cli_ok(&["deploy", "other", &probe_file]);
+    let admin_port = port_of(&node.admin).to_string();
+    let admin_entry = format!("127.0.0.1:{admin_port}");
+    node.cli_ok(&[
+        "deploy",
+        "admintry",
+        &probe_file,
+        "--egress-allow",
+        &admin_entry,
+    ]);
     let self_entry = format!("127.0.0.1:{data_port}");
     node.cli_ok(&[
         "deploy",
@@ -367,6 +386,9 @@ async fn a_function_allowlist_opens_only_what_it_names_for_that_function() {
     .await;
     assert_eq!(answer["body"], "hi", "{answer}");
     denied(&node, "selfcall", &format!("http://{b}/ok"), "loopback").await;
+    // Nothing opens the admin API, not even an entry naming it.
+    let metrics_url = format!("{}/metrics", node.admin);
+    denied(&node, "admintry", &metrics_url, "admin_listener").await;
 
     // The entries are shown, normalised; a malformed one is refused with its path.
     let info = node.cli_ok(&["info", "own"]);
