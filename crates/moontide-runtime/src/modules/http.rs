@@ -126,9 +126,14 @@ impl Failure {
         match egress::find_denied(error) {
             Some(denied) => {
                 let mut denied = denied.clone();
-                // Refused at resolution: the resolver is not told the port; the URL is.
-                if denied.port.is_none() {
-                    denied.port = error.url().and_then(|url| url.port_or_known_default());
+                // Refused at resolution: the resolver is not told the port. The error's
+                // URL is the request's first one (not a redirect hop's): take its port
+                // only if it names the host that was refused.
+                if denied.port.is_none()
+                    && let Some(url) = error.url()
+                    && url.host_str() == denied.host.as_deref()
+                {
+                    denied.port = url.port_or_known_default();
                 }
                 Failure::Denied(denied)
             }
