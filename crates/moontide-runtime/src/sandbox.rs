@@ -11,7 +11,8 @@
 //! What a tenant cannot do here: `io`, `debug`, `os.execute/exit/remove` (Luau's `os` has
 //! only `clock/date/difftime/time`), `loadfile`, `dofile`, `string.dump`, binary chunks
 //! (`loadstring` only compiles text), `require` of files or C modules, or changing a shared
-//! library or the string metatable.
+//! library or the string metatable. Its `http` module reaches only what the egress policy
+//! allows ([`crate::egress`]: not the node itself, loopback, private ranges or metadata).
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap};
