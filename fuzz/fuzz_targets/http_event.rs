@@ -56,6 +56,8 @@ thread_local! {
             limits: Limits::default(),
             env: Arc::new(BTreeMap::new()),
             log: Arc::new(Discard),
+            kind: moontide_runtime::UnitKind::Function,
+            egress: moontide_runtime::FunctionEgress::none(),
         };
         let instance = runtime.block_on(Instance::new(&engine, &compiled, &spec)).unwrap();
         Harness { runtime, instance: std::cell::RefCell::new(instance) }

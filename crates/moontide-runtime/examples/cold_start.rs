@@ -60,6 +60,7 @@ async fn main() {
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
         kind: moontide_runtime::UnitKind::Function,
+        egress: moontide_runtime::FunctionEgress::none(),
     };
     // Warm the allocator and code paths.
     for _ in 0..100 {

@@ -93,6 +93,7 @@ async fn main() {
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
         kind: moontide_runtime::UnitKind::Function,
+        egress: moontide_runtime::FunctionEgress::none(),
     };
     println!("| workload | bare (ms/call) | limited (ms/call) | limited / bare |");
     println!("|---|---:|---:|---:|");
@@ -157,6 +158,7 @@ async fn stop_margins(engine: &Engine, rounds: usize) {
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
         kind: moontide_runtime::UnitKind::Function,
+        egress: moontide_runtime::FunctionEgress::none(),
     };
     println!(
         "Stop margin: time past a {} ms budget until the call ends",

@@ -30,7 +30,7 @@ use moontide_supervisor::recorder;
 use crate::clock;
 use crate::compile::CompiledFunction;
 use crate::contract::{self, HttpRequest, HttpResponse};
-use crate::engine::Engine;
+use crate::engine::{Engine, FunctionEgress};
 use crate::fairness::{self, Seat};
 use crate::limits::Limits;
 use crate::modules::json;
@@ -136,6 +136,8 @@ pub struct InstanceSpec {
     pub log: Arc<dyn LogSink>,
     /// What main.lua returns: a handler or a plugin's phase table.
     pub kind: UnitKind,
+    /// The function's own egress allowlist, on top of the node's (see [`crate::egress`]).
+    pub egress: Arc<FunctionEgress>,
 }
 
 /// What kind of deployable unit an instance runs.
@@ -202,7 +204,9 @@ impl Instance {
     ) -> Result<Instance, InstanceError> {
         let sandbox = sandbox::build(SandboxSpec {
             engine,
+            function_name: &spec.function_name,
             function,
+            egress: &spec.egress,
             limits: spec.limits,
             env: &spec.env,
             log: spec.log.clone(),
@@ -566,6 +570,7 @@ mod tests {
             env: Arc::new(BTreeMap::from([("K".to_string(), "v".to_string())])),
             log,
             kind: UnitKind::Function,
+            egress: FunctionEgress::none(),
         }
     }
 

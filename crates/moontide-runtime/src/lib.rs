@@ -3,7 +3,7 @@
 //! The life of a function, in the terms of wasmtime's `Engine → Module → Store`:
 //!
 //! - [`Engine`] — one per node: the node-wide `shared` dictionary, the outbound HTTP
-//!   client, the coarse clock that limits read.
+//!   clients (one per egress policy, see [`egress`]), the coarse clock that limits read.
 //! - [`compile`] → [`CompiledFunction`] — once per deployed version: every file of the
 //!   bundle is compiled to Luau bytecode; syntax errors come back with file and line. A
 //!   compiled function is immutable and shared (`Arc`) by every instance on every thread.
@@ -14,6 +14,10 @@
 //!
 //! The function contract (DESIGN.md §1) — how a JSON payload or an HTTP request becomes
 //! the `event`, and how the handler's result becomes a response — is in [`contract`].
+//!
+//! Outbound `http` calls obey the [`egress`] policy: loopback, private, link-local and
+//! metadata addresses (in every spelling) and the node's own listeners are refused unless
+//! an allowlist opens them; the node tells the [`Engine`] its listeners and allowlist.
 //!
 //! This crate knows nothing about sockets, routing, pools or storage: it turns an event
 //! into a result under limits. Backend-specific code (Luau sandboxing, interrupt, memory
@@ -27,6 +31,7 @@
 pub mod clock;
 pub mod compile;
 pub mod contract;
+pub mod egress;
 mod engine;
 mod fairness;
 pub mod guards;
@@ -41,7 +46,7 @@ mod watchdog;
 
 pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
 pub use contract::{HttpRequest, HttpResponse};
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, FunctionEgress};
 pub use instance::{
     CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink, UnitKind,
 };

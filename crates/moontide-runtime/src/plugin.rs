@@ -577,6 +577,7 @@ mod tests {
             env: Arc::new(BTreeMap::new()),
             log: Arc::new(Discard),
             kind: UnitKind::Plugin,
+            egress: crate::FunctionEgress::none(),
         };
         Instance::new(&engine, &compiled, &spec).await
     }

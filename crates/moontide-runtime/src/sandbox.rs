@@ -11,7 +11,8 @@
 //! What a tenant cannot do here: `io`, `debug`, `os.execute/exit/remove` (Luau's `os` has
 //! only `clock/date/difftime/time`), `loadfile`, `dofile`, `string.dump`, binary chunks
 //! (`loadstring` only compiles text), `require` of files or C modules, or changing a shared
-//! library or the string metatable.
+//! library or the string metatable. Its `http` module reaches only what the egress policy
+//! allows ([`crate::egress`]: not the node itself, loopback, private ranges or metadata).
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -23,8 +24,8 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 use crate::clock;
 use crate::compile::{CompiledFunction, CompiledModule};
-use crate::engine::Engine;
-use crate::instance::LogSink;
+use crate::engine::{Engine, FunctionEgress};
+use crate::instance::{LogLevel, LogSink};
 use crate::limits::Limits;
 use crate::modules;
 use crate::modules::log::EmitLog;
@@ -282,7 +283,11 @@ pub(crate) fn host_work<R>(
 /// What the sandbox needs to know about the function it hosts.
 pub(crate) struct SandboxSpec<'a> {
     pub engine: &'a Engine,
+    /// The name in logs and metrics (`plugin:{name}` for a plugin).
+    pub function_name: &'a Arc<str>,
     pub function: &'a Arc<CompiledFunction>,
+    /// The function's own egress allowlist (and its client).
+    pub egress: &'a Arc<FunctionEgress>,
     pub limits: Limits,
     pub env: &'a Arc<BTreeMap<String, String>>,
     pub log: Arc<dyn LogSink>,
@@ -388,8 +393,21 @@ fn require_function(
 ) -> mlua::Result<Function> {
     let function = spec.function.clone();
     let engine_shared = spec.engine.shared_dict();
-    let http_client = spec.engine.http_client();
+    let outbound = spec
+        .egress
+        .outbound(spec.engine)
+        .map_err(mlua::Error::runtime)?;
     let http_body_cap = spec.limits.http_body_bytes;
+    // A refused outbound call: a warn line in the function's log, and the node's count.
+    let on_denied: modules::http::OnDenied = {
+        let engine = spec.engine.clone();
+        let name = spec.function_name.clone();
+        let emit_log = emit_log.clone();
+        Rc::new(move |denied| {
+            emit_log(LogLevel::Warn, &denied.to_string());
+            engine.egress_denied(&name, denied.reason);
+        })
+    };
     let loaded: RefCell<HashMap<String, Value>> = RefCell::new(HashMap::new());
     let loading: RefCell<Vec<String>> = RefCell::new(Vec::new());
     lua.create_function(move |lua, name: String| {
@@ -416,7 +434,9 @@ fn require_function(
                 "time" => modules::time::module(lua)?,
                 "shared" => modules::shared::module(lua, engine_shared.clone())?,
                 "log" => modules::log::module(lua, emit_log.clone())?,
-                "http" => modules::http::module(lua, http_client.clone(), http_body_cap)?,
+                "http" => {
+                    modules::http::module(lua, outbound.clone(), http_body_cap, on_denied.clone())?
+                }
                 _ => {
                     return Err(mlua::Error::runtime(format!(
                         "module '{name}' not found: not a built-in module (json, http, shared, \

@@ -50,6 +50,7 @@ fn spec(timeout: Duration) -> InstanceSpec {
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
         kind: UnitKind::Function,
+        egress: moontide_runtime::FunctionEgress::none(),
     }
 }
 

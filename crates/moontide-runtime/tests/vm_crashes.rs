@@ -117,6 +117,7 @@ async fn child_runs_one_reproduction() {
         env: Arc::new(BTreeMap::new()),
         log: Arc::new(Discard),
         kind: UnitKind::Function,
+        egress: moontide_runtime::FunctionEgress::none(),
     };
     let instance = Instance::new(&engine, &compiled, &spec)
         .await

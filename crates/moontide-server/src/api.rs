@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use moontide_runtime::Limits;
+use moontide_runtime::egress::AllowRule;
+use moontide_runtime::{FunctionEgress, Limits};
 use serde::{Deserialize, Serialize};
 
 /// One problem in a request, with the JSON path of the field (`config.timeout`).
@@ -107,7 +108,13 @@ pub struct FunctionConfigInput {
     pub queue_timeout: Option<DurationInput>,
     pub env: Option<BTreeMap<String, String>>,
     pub route: Option<String>,
+    /// Egress allowlist entries of this function only, `CIDR[:PORT]` (see
+    /// `moontide_runtime::egress`).
+    pub egress_allow: Option<Vec<String>>,
 }
+
+/// Most egress allowlist entries one function may have.
+pub const MAX_EGRESS_ALLOW: usize = 64;
 
 /// Function configuration as stored and served: normalized, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +150,10 @@ pub struct FunctionConfig {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub route: Option<String>,
+    /// The function's own egress allowlist, normalised (`10.0.0.0/8`, `127.0.0.1:8081`,
+    /// `[::1]:8081`); on top of the node's `serve --egress-allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
 }
 
 /// Defaults of the scaling fields, also used when reading configs stored before they
@@ -197,7 +208,22 @@ impl FunctionConfig {
             "queue_timeout_ms": self.queue_timeout_ms,
             "env_keys": self.env.keys().collect::<Vec<_>>(),
             "route": self.route,
+            "egress_allow": self.egress_allow,
         })
+    }
+
+    /// The function's own egress allowlist, for its instances (entries were validated
+    /// when the config was resolved).
+    pub fn egress(&self) -> std::sync::Arc<FunctionEgress> {
+        if self.egress_allow.is_empty() {
+            return FunctionEgress::none();
+        }
+        FunctionEgress::new(
+            self.egress_allow
+                .iter()
+                .filter_map(|entry| entry.parse::<AllowRule>().ok())
+                .collect(),
+        )
     }
 }
 
@@ -217,6 +243,7 @@ impl Default for FunctionConfig {
             queue_timeout_ms: defaults::queue_timeout_ms(),
             env: BTreeMap::new(),
             route: None,
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -355,6 +382,27 @@ impl FunctionConfigInput {
             } else {
                 config.route = Some(route.trim_end_matches('/').to_string());
             }
+        }
+        if let Some(entries) = &self.egress_allow {
+            if entries.len() > MAX_EGRESS_ALLOW {
+                errors.push(FieldError::new(
+                    path("egress_allow"),
+                    format!("at most {MAX_EGRESS_ALLOW} entries"),
+                ));
+            }
+            let mut rules = Vec::new();
+            for (index, entry) in entries.iter().enumerate() {
+                match entry.parse::<AllowRule>() {
+                    Ok(rule) => rules.push(rule),
+                    Err(message) => errors.push(FieldError::new(
+                        format!("{}[{index}]", path("egress_allow")),
+                        message,
+                    )),
+                }
+            }
+            rules.sort_unstable();
+            rules.dedup();
+            config.egress_allow = rules.iter().map(ToString::to_string).collect();
         }
         config
     }
@@ -535,6 +583,7 @@ mod tests {
             max: Some(0),
             env: Some(BTreeMap::from([("1BAD".to_string(), "x".to_string())])),
             route: Some("/healthz".into()),
+            egress_allow: Some(vec!["127.0.0.1:8081".into(), "localhost".into()]),
             ..Default::default()
         };
         let mut errors = Vec::new();
@@ -547,9 +596,38 @@ mod tests {
                 "config.memory",
                 "config.max",
                 "config.env.1BAD",
-                "config.route"
+                "config.route",
+                "config.egress_allow[1]"
             ]
         );
+    }
+
+    #[test]
+    fn egress_allow_is_normalised() {
+        let input = FunctionConfigInput {
+            egress_allow: Some(vec![
+                "127.0.0.1/32:8081".into(),
+                "10.1.0.0/8".into(),
+                "[::1]:8081".into(),
+                "127.0.0.1:8081".into(),
+            ]),
+            ..Default::default()
+        };
+        let mut errors = Vec::new();
+        let config = input.resolve("config.", &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            config.egress_allow,
+            ["10.0.0.0/8", "127.0.0.1:8081", "[::1]:8081"]
+        );
+        assert_eq!(config.egress().allow().len(), 3);
+        assert_eq!(config.redacted()["egress_allow"][0], "10.0.0.0/8");
+        let too_many = FunctionConfigInput {
+            egress_allow: Some(vec!["10.0.0.1".into(); MAX_EGRESS_ALLOW + 1]),
+            ..Default::default()
+        };
+        too_many.resolve("config.", &mut errors);
+        assert_eq!(errors[0].path, "config.egress_allow");
     }
 
     #[test]

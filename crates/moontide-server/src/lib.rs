@@ -182,7 +182,6 @@ pub async fn serve(
         source,
     })?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?);
-    let engine = Engine::new(&config.engine).map_err(ServeError::Runtime)?;
     let metrics = Arc::new(Metrics::new());
     metrics
         .node_instance_budget
@@ -204,7 +203,7 @@ pub async fn serve(
     metrics.load_crash_ledger(&crashes);
     let logs = Arc::new(LogHub::default());
     log_crashes(&logs, &crashes);
-    let registry = Arc::new(Registry::new(metrics, logs, budget, crashes));
+    let registry = Arc::new(Registry::new(metrics.clone(), logs, budget, crashes));
 
     let data_listener = listeners.data;
     let admin_listener = listeners.admin;
@@ -213,6 +212,13 @@ pub async fn serve(
     if !admin_addr.ip().is_loopback() {
         tracing::warn!(%admin_addr, "the admin API listens beyond loopback; keep the token secret");
     }
+    // Functions' outbound calls never reach the admin API, nor the data plane unless a
+    // function's own allowlist names it (see `moontide_runtime::egress`).
+    let mut engine_config = config.engine.clone();
+    engine_config.egress.admin_listeners = vec![admin_addr];
+    engine_config.egress.data_plane_listeners = vec![data_addr];
+    engine_config.egress_observer = Some(Arc::new(metrics::EgressDenials(metrics.clone())));
+    let engine = Engine::new(&engine_config).map_err(ServeError::Runtime)?;
 
     let builder = tokio::spawn(registry::run_builder(registry.clone(), store.clone()));
     // Active health checks run here, on the admin runtime, never on data-plane workers.
@@ -248,6 +254,7 @@ pub async fn serve(
             "data_plane": data_addr.to_string(),
             "admin": admin_addr.to_string(),
             "data_dir": config.data_dir.display().to_string(),
+            "egress_allow": config.engine.egress.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
         }),
     });
     admin_listener.set_nonblocking(true)?;

@@ -9,6 +9,7 @@
 //! happen ([`UpstreamEvents`], rare: a label lookup each). Series of nodes that are no
 //! longer configured are removed at the next scrape.
 
+use moontide_runtime::egress::{DenyReason, EgressObserver};
 use moontide_runtime::plugin::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,6 +54,14 @@ pub struct ScaleLabels {
 pub struct ShedLabels {
     pub function: String,
     /// `queue_full`, `queue_timeout` or `node_full`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub function: String,
+    /// `DenyReason::label`: `admin_listener`, `data_plane`, `metadata`, `unspecified`,
+    /// `loopback`, `link_local`, `private`, `cgnat`, `multicast`, `broadcast`, `reserved`.
     pub reason: &'static str,
 }
 
@@ -296,6 +305,7 @@ pub struct Metrics {
     quarantined: Family<FunctionLabels, Gauge>,
     node_restarts: Counter,
     unattributed_crashes: Counter,
+    egress_denied: Family<EgressLabels, Counter>,
     pub config_revision: Gauge,
     pub functions: Gauge,
     pub node_instances: Gauge,
@@ -331,6 +341,7 @@ impl Metrics {
         let quarantined = Family::<FunctionLabels, Gauge>::default();
         let node_restarts = Counter::default();
         let unattributed_crashes = Counter::default();
+        let egress_denied = Family::<EgressLabels, Counter>::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         let node_instances = Gauge::default();
@@ -416,6 +427,11 @@ impl Metrics {
             "plugin_phase_errors",
             "Failed calls of a plugin's phase functions, by phase and error kind",
             plugin_phase_errors.clone(),
+        );
+        registry.register(
+            "egress_denied",
+            "Outbound http calls of a function refused by the egress policy, by reason",
+            egress_denied.clone(),
         );
         registry.register(
             "node_instances",
@@ -515,6 +531,7 @@ impl Metrics {
             quarantined,
             node_restarts,
             unattributed_crashes,
+            egress_denied,
             config_revision,
             functions,
             node_instances,
@@ -637,6 +654,23 @@ impl Metrics {
                 reason,
             });
         }
+        for reason in DenyReason::ALL {
+            self.egress_denied.remove(&EgressLabels {
+                function: name.to_string(),
+                reason: reason.label(),
+            });
+        }
+    }
+
+    /// Counts an outbound call of `function` the egress policy refused (rare: the label
+    /// lookup is fine here).
+    pub fn egress_denied(&self, function: &str, reason: DenyReason) {
+        self.egress_denied
+            .get_or_create(&EgressLabels {
+                function: function.to_string(),
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     /// The counters of upstream node transitions.
@@ -715,6 +749,15 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Counts the runtime's egress denials (`moontide_egress_denied_total`).
+pub struct EgressDenials(pub std::sync::Arc<Metrics>);
+
+impl EgressObserver for EgressDenials {
+    fn denied(&self, function: &str, reason: DenyReason) {
+        self.0.egress_denied(function, reason);
     }
 }
 
@@ -860,7 +903,15 @@ mod tests {
             )
         );
         assert!(text.contains("moontide_request_duration_seconds_bucket"));
+        metrics.egress_denied("greeting", DenyReason::Metadata);
+        assert!(
+            metrics.encode().contains(
+                r#"moontide_egress_denied_total{function="greeting",reason="metadata"} 1"#
+            )
+        );
         metrics.forget("greeting");
-        assert!(!metrics.encode().contains(r#"trigger="http"} 1"#));
+        let text = metrics.encode();
+        assert!(!text.contains(r#"trigger="http"} 1"#));
+        assert!(!text.contains(r#"reason="metadata""#));
     }
 }

@@ -273,6 +273,7 @@ impl Registry {
                 version,
             }),
             kind,
+            egress: config.egress(),
         };
         Ok(DeployedFunction {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),

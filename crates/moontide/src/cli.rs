@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use moontide_runtime::egress::AllowRule;
 use moontide_server::ServeConfig;
 use moontide_supervisor::supervise;
 use serde_json::{Value, json};
@@ -112,6 +113,12 @@ enum Command {
         /// Most Lua memory all instances hold together, e.g. 8GiB (default: half the RAM).
         #[arg(long)]
         instance_memory: Option<String>,
+        /// Let every function's outbound http reach this range, denied by default
+        /// (loopback, private, link-local...): CIDR[:PORT], e.g. 10.0.0.0/8,
+        /// 127.0.0.1:8081, [::1]:8081; repeatable. Never opens the admin API or the data
+        /// plane.
+        #[arg(long = "egress-allow", value_name = "CIDR[:PORT]", value_parser = parse_allow_rule)]
+        egress_allow: Vec<AllowRule>,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -137,6 +144,11 @@ enum Command {
         /// Environment (secrets), KEY=VALUE; repeatable.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Let this function's outbound http reach this range, on top of the node's
+        /// allowlist: CIDR[:PORT]; repeatable. ADDRESS:PORT of the node's data plane lets
+        /// it call the node itself.
+        #[arg(long = "egress-allow", value_name = "CIDR[:PORT]")]
+        egress_allow: Vec<String>,
     },
     /// Invoke a function with a JSON event and print its result.
     Invoke {
@@ -190,6 +202,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             examples,
             max_instances,
             instance_memory,
+            egress_allow,
         } => {
             let mut config = ServeConfig {
                 data_dir: cli.data_dir.clone(),
@@ -198,6 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_instances,
                 ..ServeConfig::default()
             };
+            config.engine.egress.allow = egress_allow;
             if let Some(workers) = workers {
                 if workers == 0 {
                     bail!("--workers must be at least 1");
@@ -226,8 +240,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max,
             scaling,
             env,
+            egress_allow,
         } => {
             let mut config = serde_json::Map::new();
+            if !egress_allow.is_empty() {
+                config.insert("egress_allow".into(), json!(egress_allow));
+            }
             scaling.into_config(&mut config);
             if let Some(route) = route {
                 config.insert("route".into(), json!(route));
@@ -278,6 +296,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply { file } => crate::apply::apply(&client()?, &file).await,
         Command::Logs { name, follow, tail } => client()?.logs(&name, follow, tail).await,
     }
+}
+
+/// `--egress-allow` of `serve`: one allowlist entry.
+fn parse_allow_rule(text: &str) -> Result<AllowRule, String> {
+    text.parse()
 }
 
 async fn serve(config: ServeConfig, examples: Option<PathBuf>) -> anyhow::Result<ExitCode> {

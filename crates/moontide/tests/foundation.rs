@@ -455,7 +455,8 @@ async fn modules_log_shared_http_crypto_and_env_work() {
             );
         }
     });
-    let node = Node::start();
+    // Outbound calls to loopback are denied by default: the node allows this one address.
+    let node = Node::start_with(&["--egress-allow", "127.0.0.1/32"]);
     node.deploy(
         "mods",
         &format!(

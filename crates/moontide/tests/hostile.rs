@@ -37,6 +37,23 @@ struct Case {
     /// long-call worker until its timeout.
     then: Option<Outcome>,
     config: Value,
+    /// `-- denied: REASON`: an egress denial the attack must cause, counted in
+    /// `moontide_egress_denied_total{reason}` and written to the function's log.
+    denied: Option<String>,
+}
+
+impl Case {
+    /// The source with the node's addresses filled in (`{{ADMIN}}`, `{{ADMIN_PORT}}`,
+    /// `{{DATA}}`: what an attack on the node itself aims at).
+    fn source_for(&self, node: &Node) -> String {
+        let admin = node.admin.trim_start_matches("http://");
+        let data = node.data.trim_start_matches("http://");
+        let admin_port = admin.rsplit(':').next().unwrap_or_default();
+        self.source
+            .replace("{{ADMIN}}", admin)
+            .replace("{{ADMIN_PORT}}", admin_port)
+            .replace("{{DATA}}", data)
+    }
 }
 
 fn corpus() -> Vec<Case> {
@@ -71,6 +88,7 @@ fn corpus() -> Vec<Case> {
             expect,
             then,
             config,
+            denied: header("-- denied: ").map(str::to_string),
         });
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
@@ -99,7 +117,7 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
     .await;
     let mut failures = Vec::new();
     for case in corpus() {
-        node.deploy(&case.name, &case.source, case.config.clone())
+        node.deploy(&case.name, &case.source_for(&node), case.config.clone())
             .await;
         let mut attacked = true;
         for expected in std::iter::once(&case.expect).chain(&case.then) {
@@ -152,6 +170,22 @@ async fn every_hostile_function_is_stopped_and_the_node_stays_healthy() {
             );
             if !failures.iter().any(|f| f.starts_with(&case.name)) && !metrics.contains(&series) {
                 failures.push(format!("{}: metrics lack {series}", case.name));
+            }
+        }
+        if let Some(reason) = &case.denied {
+            let series = format!(
+                r#"moontide_egress_denied_total{{function="{}",reason="{reason}"}}"#,
+                case.name
+            );
+            if !failures.iter().any(|f| f.starts_with(&case.name)) {
+                if metric_value(&metrics, &series) < 1.0 {
+                    failures.push(format!("{}: metrics lack {series}", case.name));
+                }
+                let needle = format!("denied by policy: {reason}");
+                let logs = node.log_messages(&case.name).await;
+                if !logs.iter().any(|line| line.contains(&needle)) {
+                    failures.push(format!("{}: no log line says {needle:?}", case.name));
+                }
             }
         }
         if case.then.is_some() {

@@ -7,10 +7,21 @@
 //! - `http.get(url [, opts])`, `http.post(url, body [, opts])`: shorthands.
 //!
 //! Only `http` and `https` URLs; response bodies above the function's cap are an error.
+//! Destinations obey the function's egress policy ([`crate::egress`]): a refused call
+//! returns `nil, "egress to 127.0.0.1:9080 denied by policy: admin_listener (...)"`,
+//! writes that line to the function's log (warn) and is reported to the engine's
+//! observer (the server counts it in `moontide_egress_denied_total`). Redirects are
+//! followed (at most 10), each hop checked again.
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
+
+use crate::egress::{self, Denied, Outbound};
+
+/// Told of every call the egress policy refused (logs and counts it).
+pub type OnDenied = Rc<dyn Fn(&Denied)>;
 
 /// Longest an outbound request may take unless `timeout_ms` says otherwise (the call's
 /// own deadline still bounds it).
@@ -20,7 +31,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 type ResponseParts = (u16, Vec<(String, Vec<u8>)>, Vec<u8>);
 
 /// One outbound request, copied out of Lua before the call yields.
-struct Outbound {
+struct Request {
     method: reqwest::Method,
     url: reqwest::Url,
     headers: Vec<(String, Vec<u8>)>,
@@ -32,12 +43,12 @@ fn parse_request(
     url: String,
     opts: Option<Table>,
     body: Option<Vec<u8>>,
-) -> Result<Outbound, String> {
+) -> Result<Request, String> {
     let url = reqwest::Url::parse(&url).map_err(|e| format!("invalid url '{url}': {e}"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(format!("unsupported url scheme '{}'", url.scheme()));
     }
-    let mut request = Outbound {
+    let mut request = Request {
         method: reqwest::Method::GET,
         url,
         headers: Vec::new(),
@@ -104,11 +115,38 @@ fn parse_request(
     Ok(request)
 }
 
+/// Why an outbound call failed.
+enum Failure {
+    Denied(Denied),
+    Other(String),
+}
+
+impl Failure {
+    fn from_reqwest(error: &reqwest::Error) -> Failure {
+        match egress::find_denied(error) {
+            Some(denied) => {
+                let mut denied = denied.clone();
+                // Refused at resolution: the resolver is not told the port. The error's
+                // URL is the request's first one (not a redirect hop's): take its port
+                // only if it names the host that was refused.
+                if denied.port.is_none()
+                    && let Some(url) = error.url()
+                    && url.host_str() == denied.host.as_deref()
+                {
+                    denied.port = url.port_or_known_default();
+                }
+                Failure::Denied(denied)
+            }
+            None => Failure::Other(describe(error)),
+        }
+    }
+}
+
 async fn perform(
     client: &reqwest::Client,
-    request: Outbound,
+    request: Request,
     body_cap: usize,
-) -> Result<ResponseParts, String> {
+) -> Result<ResponseParts, Failure> {
     let mut builder = client
         .request(request.method, request.url)
         .timeout(request.timeout);
@@ -118,7 +156,10 @@ async fn perform(
     if let Some(body) = request.body {
         builder = builder.body(body);
     }
-    let mut response = builder.send().await.map_err(|e| describe(&e))?;
+    let mut response = builder
+        .send()
+        .await
+        .map_err(|e| Failure::from_reqwest(&e))?;
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -126,9 +167,15 @@ async fn perform(
         .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
         .collect();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Failure::from_reqwest(&e))?
+    {
         if body.len() + chunk.len() > body_cap {
-            return Err(format!("response body is larger than {body_cap} bytes"));
+            return Err(Failure::Other(format!(
+                "response body is larger than {body_cap} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }
@@ -169,22 +216,41 @@ fn response_table(lua: &Lua, (status, headers, body): ResponseParts) -> mlua::Re
     Ok(table)
 }
 
-/// Builds the `http` module table over the node's shared client.
-pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Result<Table> {
+/// Builds the `http` module table over the function's outbound client; `on_denied` is
+/// told of every call its egress policy refuses.
+pub fn module(
+    lua: &Lua,
+    outbound: Outbound,
+    body_cap: usize,
+    on_denied: OnDenied,
+) -> mlua::Result<Table> {
     let table = lua.create_table_with_capacity(0, 3)?;
 
-    let run = move |client: reqwest::Client, lua: Lua, parsed: Result<Outbound, String>| async move {
-        let request = match parsed {
-            Ok(request) => request,
-            Err(message) => return Ok((Value::Nil, Some(message))),
-        };
-        match perform(&client, request, body_cap).await {
-            Ok(parts) => Ok((Value::Table(response_table(&lua, parts)?), None)),
-            Err(message) => Ok((Value::Nil, Some(message))),
+    let run = move |lua: Lua, parsed: Result<Request, String>| {
+        let outbound = outbound.clone();
+        let on_denied = on_denied.clone();
+        async move {
+            let result = match parsed {
+                Err(message) => Err(Failure::Other(message)),
+                // An IP-literal URL is never resolved: check it in full before anything.
+                Ok(request) => match outbound.policy().check_url(&request.url) {
+                    Err(denied) => Err(Failure::Denied(denied)),
+                    Ok(()) => perform(outbound.client(), request, body_cap).await,
+                },
+            };
+            match result {
+                Ok(parts) => Ok((Value::Table(response_table(&lua, parts)?), None)),
+                Err(Failure::Denied(denied)) => {
+                    on_denied(&denied);
+                    Ok((Value::Nil, Some(denied.to_string())))
+                }
+                Err(Failure::Other(message)) => Ok((Value::Nil, Some(message))),
+            }
         }
     };
+    let run = Rc::new(run);
 
-    let request_client = client.clone();
+    let request_run = run.clone();
     table.raw_set(
         "request",
         lua.create_async_function(move |lua, opts: Table| {
@@ -193,15 +259,15 @@ pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Resu
                 .map_err(|e| e.to_string())
                 .and_then(|url| url.ok_or_else(|| "url is required".to_string()))
                 .and_then(|url| parse_request(url, Some(opts), None));
-            run(request_client.clone(), lua, parsed)
+            request_run(lua, parsed)
         })?,
     )?;
-    let get_client = client.clone();
+    let get_run = run.clone();
     table.raw_set(
         "get",
         lua.create_async_function(move |lua, (url, opts): (String, Option<Table>)| {
             let parsed = parse_request(url, opts, None);
-            run(get_client.clone(), lua, parsed)
+            get_run(lua, parsed)
         })?,
     )?;
     table.raw_set(
@@ -215,7 +281,7 @@ pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Resu
                         }
                         r
                     });
-                run(client.clone(), lua, parsed)
+                run(lua, parsed)
             },
         )?,
     )?;

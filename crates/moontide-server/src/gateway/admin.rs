@@ -450,6 +450,7 @@ pub async fn put_plugin(
             version: 0,
         }),
         kind: UnitKind::Plugin,
+        egress: config.egress(),
     };
     let (reply, checked) = oneshot::channel();
     state.workers.submit(Job::CheckPlugin {
