@@ -20,6 +20,16 @@
 //!   `Lua::poll_pending()`): passed on likewise, so the call's task really waits for the
 //!   I/O instead of the tenant seeing a light userdata.
 //!
+//! **No forced yield inside the machinery of host yields** ([`in_protected_code`]): not in
+//! these wrappers, not in mlua's own async poll loop. Between an async host call's poll
+//! (which registers the task's waker) and the yield that tells the host to wait, a forced
+//! yield would let the host poll again — consuming a wake-up — without the future being
+//! polled, and the call would then wait for a wake-up that already came (found by the
+//! every-safepoint test as a hang, 1 run in 40; it could hit plain `http.request` calls at
+//! the end of a slice too). Both are tiny functions, so skipping a slice end there costs
+//! nothing. Their chunk names are reserved: a tenant's `loadstring`/`load` chunk name that
+//! would match is renamed ([`reserve_chunk_names`]).
+//!
 //! Anything else a coroutine yields or returns reaches the tenant unchanged, errors
 //! included (`coroutine.wrap` raises them at its caller's line, as Luau does). The
 //! interrupt only marks a coroutine it can really yield (`watchdog::is_yieldable`), so a
@@ -178,6 +188,56 @@ end
 return guarded_resume, guarded_wrap
 "##;
 
+/// The chunk name of the wrappers (reserved: see [`reserve_chunk_names`]).
+const WRAPPER_CHUNK: &str = "=moontide:coroutine";
+/// The chunk name mlua gives its async poll loop.
+const MLUA_ASYNC_CHUNK: &str = "=__mlua_async_poll";
+
+/// `true` if the running Lua function is one a forced yield must not interrupt (see the
+/// module doc). Called by the interrupt at the end of a slice.
+pub(crate) fn in_protected_code(lua: &Lua) -> bool {
+    lua.inspect_stack(0, |frame| {
+        frame
+            .source()
+            .source
+            .is_some_and(|source| source == WRAPPER_CHUNK || source == MLUA_ASYNC_CHUNK)
+    })
+    .unwrap_or(false)
+}
+
+/// Replaces `loadstring` with one that renames a chunk name reserved for the host's own
+/// chunks (`moontide:…`, `__mlua…`), so tenant code can never pass for them. Call before
+/// the `load` shim is made (it uses `loadstring`).
+pub(crate) fn reserve_chunk_names(lua: &Lua) -> mlua::Result<()> {
+    const SOURCE: &str = r#"
+local native, type, find, pcall, error = ...
+local function reserved(name)
+  return find(name, "^[=@]?moontide:") or find(name, "^[=@]?__mlua")
+end
+local function finish(ok, ...)
+  if ok then return ... end
+  error((...), 3)
+end
+return function(chunk, chunkname, ...)
+  if type(chunkname) == "string" and reserved(chunkname) then
+    chunkname = "=user:" .. chunkname
+  end
+  return finish(pcall(native, chunk, chunkname, ...))
+end
+"#;
+    let globals = lua.globals();
+    let native: Function = globals.raw_get("loadstring")?;
+    let string: Table = globals.raw_get("string")?;
+    let guarded: Function = lua.load(SOURCE).set_name("=moontide:loadstring").call((
+        native,
+        globals.raw_get::<Function>("type")?,
+        string.raw_get::<Function>("find")?,
+        globals.raw_get::<Function>("pcall")?,
+        globals.raw_get::<Function>("error")?,
+    ))?;
+    globals.raw_set("loadstring", guarded)
+}
+
 /// Replaces `coroutine.resume` and `coroutine.wrap` in `lua`'s library. Call before the
 /// sandbox seals the libraries. `on_pass` runs when a wrapper passes a forced yield on
 /// (the host then counts its slice as used).
@@ -201,7 +261,7 @@ pub(crate) fn install(
     })?;
     let (resume, wrap): (Function, Function) = lua
         .load(&bytecode[..])
-        .set_name("=coroutine")
+        .set_name(WRAPPER_CHUNK)
         .set_mode(ChunkMode::Binary)
         .call((
             coroutine.raw_get::<Function>("create")?,

@@ -178,6 +178,12 @@ impl CallState {
                 LimitHit::Blocking => "function held its thread too long without yielding",
             }));
         }
+        if preempt::in_protected_code(lua) {
+            // Never between an async poll and its yield (see `preempt`): the slice ends
+            // at the next safepoint outside, a few instructions on.
+            self.switch().arm();
+            return Ok(VmState::Continue);
+        }
         if self.slice_ms.get() == 0 && !self.chaos() {
             // Zero-length slices go on at about every other safepoint: a yielded coroutine
             // re-runs the instruction it stopped at, so yielding at every one would make no
@@ -339,6 +345,7 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     )?;
     globals.raw_set("debug", Value::Nil)?;
     globals.raw_set("require", require_function(&lua, &spec, emit_log.clone())?)?;
+    preempt::reserve_chunk_names(&lua)?;
     globals.raw_set("load", load_shim(&lua)?)?;
 
     // `os.getenv` reads the function's own environment (its secrets), nothing else.

@@ -132,3 +132,29 @@ async fn async_host_calls_work_inside_tenant_coroutines() {
     let answer = limited(&engine, source, Some(Duration::ZERO)).await;
     assert_eq!(answer.as_deref(), Ok("true slept true again! wrapped"));
 }
+
+/// A tenant cannot name its code like the host's preemption machinery (which forced
+/// yields skip): such a chunk name is renamed.
+#[tokio::test(flavor = "current_thread")]
+async fn reserved_chunk_names_are_renamed() {
+    let engine = Engine::new(&EngineConfig::default()).unwrap();
+    let source = r#"
+        return function()
+          local out = {}
+          for _, name in ipairs({ "=moontide:coroutine", "=__mlua_async_poll", "@moontide:x", "=mine" }) do
+            local f = loadstring("error('here')", name)
+            out[#out + 1] = tostring(select(2, pcall(f)))
+          end
+          local g = load("error('there')", "=moontide:coroutine")
+          out[#out + 1] = tostring(select(2, pcall(g)))
+          return table.concat(out, " | ")
+        end"#;
+    let answer = limited(&engine, source, None).await;
+    assert_eq!(
+        answer.as_deref(),
+        Ok(
+            "user:=moontide:coroutine:1: here | user:=__mlua_async_poll:1: here | \
+            user:@moontide:x:1: here | mine:1: here | user:=moontide:coroutine:1: there"
+        )
+    );
+}
