@@ -108,7 +108,7 @@ sleep 3                               # warm-up (not in any window)
 $CHURN &
 CHURN_PID=$!; track "$CHURN_PID"
 # shellcheck disable=SC2086
-sampler "$MT_PID" $BACKEND_PIDS "$LOAD_PID" "$CHURN_PID" >"$RESULTS_DIR/machine.txt" &
+sampler "$MT_PID" "$(node_process "$MT_PID")" $BACKEND_PIDS "$LOAD_PID" "$CHURN_PID" >"$RESULTS_DIR/machine.txt" &
 SAMPLER_PID=$!; track "$SAMPLER_PID"
 churn_rc=0; wait "$CHURN_PID" || churn_rc=$?; untrack "$CHURN_PID"
 load_rc=0; wait "$LOAD_PID" || load_rc=$?; untrack "$LOAD_PID"

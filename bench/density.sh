@@ -43,7 +43,9 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 . "$HERE/lib/node.sh"
 start_pinned_node "$MOONTIDE_BIN" "$PORT" "$ADMIN_PORT"
 WORK=$NODE_DIR
-SERVER_PID=$NODE_PID
+# shellcheck source=lib/supervised.sh
+. "$HERE/lib/supervised.sh"
+SERVER_PID=$(node_process "$NODE_PID")   # the node process under the supervisor
 TOKEN=$NODE_TOKEN
 
 # Let the node settle, then measure its idle RSS.

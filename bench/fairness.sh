@@ -88,7 +88,10 @@ done
 BASE="http://$HOST:$MT_PORT/fn"
 [ "$(curl -fsS "$BASE/hello")" = "Hello, World!" ] || die "hello does not answer"
 
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"; }
+# shellcheck source=lib/supervised.sh
+. "$HERE/lib/supervised.sh"
+NODE_PROCESS=$(node_process "$SERVER_PID")
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$NODE_PROCESS/stat"; }
 wait_quiet() {  # until the server used < 5% of a CPU over half a second (at most 20 s)
     local hz before after
     hz=$(getconf CLK_TCK)

@@ -70,7 +70,9 @@ else
     MOONTIDE_ADMIN="http://$HOST:$MT_ADMIN_PORT" MOONTIDE_TOKEN=$(cat "$DIR/data/admin.token") \
         "$BIN" deploy "$EP" "$HERE/functions/$EP.lua" >/dev/null
     URL="http://$HOST:$MT_PORT/fn/$EP"
-    TARGET_PIDS=$PID
+    # shellcheck source=lib/supervised.sh
+    . "$HERE/lib/supervised.sh"
+    TARGET_PIDS=$(node_process "$PID")   # the node process under the supervisor
 fi
 SCRIPT=()
 [ "$EP" = json ] && SCRIPT=(-s "$ANCHOR_DIR/json.lua")

@@ -45,8 +45,11 @@ if [ "$SERVER" = moontide ]; then
     curl -fsS -o /dev/null -X PUT -H "Authorization: Bearer $T" -d '{"path":"/proxy","upstream":"backends"}' \
         http://127.0.0.1:18091/v1/routes/proxy || die "PUT route failed"
     URL=http://127.0.0.1:18090/proxy
-    TID=$(ps -L -o tid=,comm= -p "$FRONT" | awk '$2 == "moontide-worker" { print $1 }')
-    PROC=/proc/$FRONT/task/$TID
+    # shellcheck source=lib/supervised.sh
+    . "$HERE/lib/supervised.sh"
+    NODE=$(node_process "$FRONT")   # the node process under the supervisor
+    TID=$(ps -L -o tid=,comm= -p "$NODE" | awk '$2 == "moontide-worker" { print $1 }')
+    PROC=/proc/$NODE/task/$TID
 else
     awk '/# --- backends: two ports/ { skip = 1 } /# --- front: the measured endpoints/ { skip = 0 } !skip' \
         "$ANCHOR_DIR/nginx.conf" >"$D/split.conf"

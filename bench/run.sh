@@ -17,7 +17,7 @@
 #   - wait (up to QUIET_WAIT s) until the rest of the machine is quiet;
 #   - WARMUP of untimed wrk load, then `wrk -t1 -c64 -dDURATION --latency`;
 #   - server CPU = utime+stime from /proc/PID/stat (nginx: master + worker; Moontide:
-#     the one process, i.e. all its threads), delta over the measured wrk run,
+#     the supervisor + the node process it runs; #     the one process, i.e. all its threads), delta over the measured wrk run,
 #     divided by the requests wrk completed -> µs of server CPU per request.
 #
 # Output: progress on stderr; the summary (markdown) on stdout and in
@@ -118,6 +118,8 @@ HZ=$(getconf CLK_TCK)
 is_gateway() { case $1 in proxy|balancer|balancer_lc|balancer_ewma) return 0;; esac; return 1; }
 # shellcheck source=lib/backends.sh
 . "$HERE/lib/backends.sh"
+# shellcheck source=lib/supervised.sh
+. "$HERE/lib/supervised.sh"
 
 if [ -n "${MOONTIDE_BIN:-}" ]; then
     BIN=$MOONTIDE_BIN
@@ -178,7 +180,7 @@ stop_server() {
     done
     if [ -n "$MT_BACKEND_PID" ]; then stop_backend "$MT_BACKEND_PID"; fi
     if [ -n "$SERVER_DIR" ] && [ -d "$SERVER_DIR" ]; then rm -rf -- "$SERVER_DIR"; fi
-    SERVER_PID=""; SERVER_KIND=""; SERVER_PIDS=""; SERVER_DIR=""
+    SERVER_PID=""; SERVER_KIND=""; SERVER_PIDS=""; SERVER_DIR=""; MT_NODE_PID=""
     MT_BACKEND_PID=""; MT_BACKEND_PIDS=""
 }
 
@@ -255,7 +257,9 @@ start_moontide() {  # endpoint
         mt_admin PUT /v1/routes/balancer_lc '{"path": "/balancer_lc", "upstream": "lc"}'
         mt_admin PUT /v1/routes/balancer_ewma '{"path": "/balancer_ewma", "upstream": "ewma"}'
     fi
-    SERVER_PIDS="$SERVER_PID $MT_BACKEND_PIDS"
+    # The supervisor (idle) and the node process it runs: both counted.
+    MT_NODE_PID=$(node_process "$SERVER_PID")
+    SERVER_PIDS="$SERVER_PID $MT_NODE_PID $MT_BACKEND_PIDS"
 }
 
 mt_admin() {  # method path json: one admin API call; dies unless it answers 2xx
@@ -371,7 +375,7 @@ snapshot() {  # -> "wall_us total_ticks busy_ticks steal server_ticks children_t
 }
 thread_ticks() {  # per-thread "comm:ticks" of the (moontide) server, for the raw file
     local t line f comm out=""
-    for t in /proc/"$SERVER_PID"/task/*; do
+    for t in /proc/"${MT_NODE_PID:-$SERVER_PID}"/task/*; do
         { read -r line <"$t/stat"; } 2>/dev/null || continue
         comm=${line#*(}; comm=${comm%%)*}
         read -r -a f <<<"${line##*) }"

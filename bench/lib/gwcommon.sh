@@ -13,6 +13,8 @@ done
 
 # shellcheck source=backends.sh
 . "$HERE/lib/backends.sh"
+# shellcheck source=supervised.sh
+. "$HERE/lib/supervised.sh"
 
 if [ -n "${MOONTIDE_BIN:-}" ] || [ -n "${GWLOAD_BIN:-}" ]; then
     [ -n "${MOONTIDE_BIN:-}" ] && [ -n "${GWLOAD_BIN:-}" ] || die 2 "set both MOONTIDE_BIN and GWLOAD_BIN"
