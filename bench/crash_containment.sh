@@ -135,8 +135,8 @@ for scenario in solo repeat redeploy; do
     restarts=$(metric moontide_node_restarts_total || echo "?")
     crashes=$(grep -c '^crash' "$attack_log" || true)
     redeploys=$(grep -c '^redeploy' "$attack_log" || true)
-    recover=$(awk '/^crash/ { v[++n] = $2 } END { if (!n) { print "-"; exit }
-        asort(v); printf "%d / %d", v[int((n + 1) / 2)], v[n] }' "$attack_log")
+    recover=$(awk '/^crash/ { print $2 }' "$attack_log" | sort -n |
+        awk '{ v[++n] = $1 } END { if (!n) { print "-"; exit } printf "%d / %d", v[int((n + 1) / 2)], v[n] }')
     rate=$(awk -v r="$requests" -v e="$errors" 'BEGIN { printf "%.3f", 100 * (r - e) / (r + e) }')
     ROWS+=("| $scenario | $requests | $errors | $rate % | $rps | $p99 | $restarts | $crashes | $redeploys | $recover |")
     stop_node

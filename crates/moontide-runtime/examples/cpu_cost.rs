@@ -46,6 +46,17 @@ const WORKLOADS: &[(&str, &str)] = &[
          end",
     ),
     (
+        // Every resume goes through the sandbox's coroutine wrappers (`preempt`); bare
+        // runs Luau's own.
+        "coroutine-generator",
+        "return function()
+           local gen = coroutine.wrap(function() for i = 1, 300000 do coroutine.yield(i) end end)
+           local s = 0
+           for _ = 1, 300000 do s = s + gen() end
+           return s
+         end",
+    ),
+    (
         "strings",
         "return function()
            local parts = {}

@@ -6,8 +6,9 @@
 //! supervisor itself leaves the old or the new ledger, never half of one). Read by each
 //! node at start: it serves a quarantined version's calls with `503 function_quarantined`
 //! and says why in `moontide info` and the function log. A version is quarantined after
-//! [`QUARANTINE_AFTER`] crashes; a new deploy is a new version, so it lifts the quarantine
-//! (a rollback to the crashing version does not).
+//! [`QUARANTINE_AFTER`] crashes — after one, if another version of the same function was
+//! quarantined before; a new deploy is a new version, so it lifts the quarantine (a
+//! rollback to the crashing version does not).
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -114,11 +115,18 @@ impl Ledger {
                 self.versions.len() - 1
             }
         };
+        // A function that already had a version quarantined gets no second chance: its
+        // next versions are quarantined at their first crash (a tenant redeploying a
+        // crasher would otherwise buy two crashes per deploy).
+        let repeat_offender = self.versions.iter().any(|r| {
+            r.function == function && r.version != version && r.quarantined_since_ms.is_some()
+        });
+        let threshold = if repeat_offender { 1 } else { QUARANTINE_AFTER };
         let record = &mut self.versions[index];
         record.crashes += 1;
         record.last_crash_ms = now_ms;
         record.last_signal = signal.to_string();
-        if record.crashes >= QUARANTINE_AFTER && record.quarantined_since_ms.is_none() {
+        if record.crashes >= threshold && record.quarantined_since_ms.is_none() {
             record.quarantined_since_ms = Some(now_ms);
         }
         record
@@ -165,8 +173,15 @@ mod tests {
         assert_eq!(second.first_crash_ms, 1000);
         assert_eq!(second.last_signal, "SIGABRT");
         assert_eq!(second.quarantined_since_ms, Some(2000));
-        // Another version of the same function is not touched.
+        // Another version of the same function is not touched...
         assert_eq!(ledger.get("f", 4), None);
+        // ...but once one of its versions was quarantined, the next goes at its first crash.
+        let next = ledger.record_crash("f", 4, "SIGSEGV", 3000).clone();
+        assert_eq!(next.quarantined_since_ms, Some(3000));
+        // Other functions keep their two chances.
+        assert_eq!(ledger.record_crash("g", 1, "SIGSEGV", 3500).crashes, 2);
+        let other = ledger.record_crash("h", 1, "SIGSEGV", 4000).clone();
+        assert_eq!(other.quarantined_since_ms, None);
         ledger.save(dir.path()).unwrap();
         assert_eq!(Ledger::load(dir.path()).unwrap(), ledger);
     }
