@@ -199,3 +199,36 @@ async fn the_guarded_reproduction_does_not_crash() {
         0.0
     );
 }
+
+/// `kill -9` of `moontide serve` (the supervisor) takes the node process with it: nothing
+/// is left holding the data dir or serving.
+#[tokio::test]
+async fn killing_the_supervisor_kills_the_node() {
+    let mut node = Node::start();
+    let supervisor = node.child.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+            .expect("the supervisor's children");
+    let node_pid: u32 = children
+        .split_whitespace()
+        .next()
+        .expect("the supervisor runs the node as its child")
+        .parse()
+        .unwrap();
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    // The kernel delivers the node's death signal at once; wait until it is reaped.
+    let gone = (0..500).any(|_| {
+        let state = std::fs::read_to_string(format!("/proc/{node_pid}/stat")).unwrap_or_default();
+        let alive = state
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X");
+        if alive {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !alive
+    });
+    assert!(gone, "the node process {node_pid} outlived its supervisor");
+}
