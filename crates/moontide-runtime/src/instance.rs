@@ -27,7 +27,7 @@ use mlua::{Function, Lua, Table, Value};
 
 use crate::clock;
 use crate::compile::CompiledFunction;
-use crate::contract::{self, HttpRequest, HttpResponse};
+use crate::contract::{self, HttpRequest, HttpResponse, OutputError};
 use crate::engine::Engine;
 use crate::fairness::{self, Seat};
 use crate::limits::Limits;
@@ -74,9 +74,10 @@ pub enum CallError {
     /// The handler raised an error (message with traceback, for the log only).
     #[error("{0}")]
     Runtime(String),
-    /// The handler returned something that is not a valid result.
+    /// The handler (or a plugin phase) returned something that is not a valid result, or
+    /// a result over an output cap (its kind says which: [`OutputError::kind`]).
     #[error("invalid result: {0}")]
-    BadResult(String),
+    BadResult(OutputError),
     /// The call ran longer than its blocking cap inside one C function (a pattern match,
     /// a sort), where it cannot yield, on a thread that serves other calls.
     #[error("function held its thread for {0} ms without yielding")]
@@ -84,13 +85,26 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Every kind [`CallError::kind`] can name.
+    pub const KINDS: [&'static str; 9] = [
+        "timeout",
+        "memory",
+        "runtime",
+        "blocking",
+        OutputError::KINDS[0],
+        OutputError::KINDS[1],
+        OutputError::KINDS[2],
+        OutputError::KINDS[3],
+        OutputError::KINDS[4],
+    ];
+
     /// The label used in logs and in `moontide_function_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
         match self {
             CallError::Timeout => "timeout",
             CallError::MemoryLimit => "memory",
             CallError::Runtime(_) => "runtime",
-            CallError::BadResult(_) => "result",
+            CallError::BadResult(error) => error.kind(),
             CallError::Blocking(_) => "blocking",
         }
     }
@@ -162,7 +176,7 @@ pub struct Instance {
     pub(crate) ctx_template: Table,
     event_keys: contract::EventKeys,
     state: Rc<CallState>,
-    emit_log: EmitLog,
+    pub(crate) emit_log: EmitLog,
     pub(crate) limits: Limits,
     broken: Cell<bool>,
     calls_in_flight: Cell<u32>,
@@ -255,15 +269,8 @@ impl Instance {
     ) -> Result<Vec<u8>, CallError> {
         let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e))?;
         let value = self.call(event, request_id).await?;
-        let json = contract::direct_result_json(&value).map_err(|e| self.bad_result(e))?;
-        if json.len() > self.limits.response_body_bytes {
-            return Err(self.bad_result(format!(
-                "result is {} bytes of JSON; the limit is {}",
-                json.len(),
-                self.limits.response_body_bytes
-            )));
-        }
-        Ok(json)
+        contract::direct_result_json(&value, self.limits.response_body_bytes)
+            .map_err(|e| self.bad_result(e))
     }
 
     /// HTTP trigger: the event is an API Gateway proxy event (v1); the result becomes the
@@ -272,7 +279,22 @@ impl Instance {
         let event =
             contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
-        contract::http_response(value, &self.limits).map_err(|e| self.bad_result(e))
+        self.converted(contract::http_response(value, &self.limits), "result")
+    }
+
+    /// A converted result: its error logged and returned as [`CallError::BadResult`]; the
+    /// framing headers it dropped noted in one warning line.
+    pub(crate) fn converted(
+        &self,
+        converted: Result<contract::Converted, OutputError>,
+        what: &str,
+    ) -> Result<HttpResponse, CallError> {
+        let converted = converted.map_err(|e| self.bad_result(e))?;
+        if !converted.dropped.is_empty() {
+            self.emit_log
+                .emit(crate::LogLevel::Warn, &converted.dropped.warning(what));
+        }
+        Ok(converted.response)
     }
 
     /// `true` if the instance broke a limit and must not serve another call.
@@ -314,7 +336,7 @@ impl Instance {
         ctx.raw_set("request_id", request_id)
             .map_err(|e| classify(&e))?;
         let Entry::Handler(handler) = &self.entry else {
-            return Err(self.bad_result("a plugin cannot be called as a function".into()));
+            return Err(self.bad_result("a plugin cannot be called as a function"));
         };
         let handler = handler.clone();
         self.run(
@@ -419,14 +441,16 @@ impl Instance {
             Err(CallError::Timeout | CallError::MemoryLimit | CallError::Blocking(_))
         ));
         if let Err(error) = &result {
-            (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
+            self.emit_log
+                .emit(crate::LogLevel::Error, &format!("call failed: {error}"));
         }
         result
     }
 
-    pub(crate) fn bad_result(&self, message: String) -> CallError {
-        let error = CallError::BadResult(message);
-        (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
+    pub(crate) fn bad_result(&self, error: impl Into<OutputError>) -> CallError {
+        let error = CallError::BadResult(error.into());
+        self.emit_log
+            .emit(crate::LogLevel::Error, &format!("call failed: {error}"));
         error
     }
 }

@@ -37,8 +37,12 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use mlua::{Function, Lua, LuaString, Table, Value};
 
-use crate::contract::{self, HttpResponse};
+use crate::contract::{
+    self, Dropped, FRAMING_HEADERS, HeaderBudget, HttpResponse, OutputError, framing_header,
+    header_name,
+};
 use crate::instance::{CallError, Entry, Instance, classify, copy_table};
+use crate::limits::Limits;
 use crate::modules::json;
 
 /// A request phase, in the order phases run.
@@ -276,8 +280,9 @@ impl Instance {
         let value = self
             .run(move || function.call_async::<Value>(args), request_id)
             .await?;
-        apply_request(&table, request)
-            .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))?;
+        let dropped = apply_request(&table, request, &self.limits)
+            .map_err(|error| self.bad_result(error.within(phase.name())))?;
+        self.warn_dropped(dropped, phase, "req.headers");
         match value {
             Value::Nil => Ok(None),
             Value::Table(ref response)
@@ -285,9 +290,9 @@ impl Instance {
                     .raw_get::<Value>("statusCode")
                     .is_ok_and(|v| !v.is_nil()) =>
             {
-                contract::http_response(value, &self.limits)
-                    .map(Some)
-                    .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))
+                let converted = contract::http_response(value, &self.limits)
+                    .map_err(|error| error.within(phase.name()));
+                self.converted(converted, phase.name()).map(Some)
             }
             other => Err(self.bad_result(format!(
                 "{} must return nil (go on) or a response table with statusCode, got {}",
@@ -312,8 +317,19 @@ impl Instance {
         let args = (table.clone(), ctx.0.clone());
         self.run(move || function.call_async::<Value>(args), request_id)
             .await?;
-        apply_response(&table, response)
-            .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))
+        let dropped = apply_response(&table, response, &self.limits)
+            .map_err(|error| self.bad_result(error.within(phase.name())))?;
+        self.warn_dropped(dropped, phase, "res.headers");
+        Ok(())
+    }
+
+    /// One warning line when a phase's changes to framing headers were dropped.
+    fn warn_dropped(&self, dropped: Dropped, phase: Phase, what: &str) {
+        if !dropped.is_empty() {
+            let context = format!("{}: {what}", phase.name());
+            self.emit_log
+                .emit(crate::LogLevel::Warn, &dropped.warning(&context));
+        }
     }
 
     /// Runs `log` with the request as it went on and the response as it went out.
@@ -399,36 +415,52 @@ fn field(table: &Table, name: &str) -> Result<Value, String> {
     table.raw_get::<Value>(name).map_err(|e| e.to_string())
 }
 
-/// A string field, or a number as text; `None` when nil.
-fn text(value: &Value, what: &str) -> Result<Option<Vec<u8>>, String> {
+/// A string field (borrowed from Lua, not copied), or a number as text; `None` when nil.
+fn text(value: &Value, what: &str) -> Result<Option<Text>, OutputError> {
+    let owned = |text: String| Ok(Some(Text::Owned(text.into_bytes())));
     match value {
         Value::Nil => Ok(None),
-        Value::String(s) => Ok(Some(s.as_bytes().to_vec())),
-        Value::Integer(i) => Ok(Some(i.to_string().into_bytes())),
-        Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e15 => {
-            Ok(Some((*n as i64).to_string().into_bytes()))
-        }
-        Value::Number(n) => Ok(Some(n.to_string().into_bytes())),
-        other => Err(format!(
+        Value::String(s) => Ok(Some(Text::Lua(s.as_bytes()))),
+        Value::Integer(i) => owned(i.to_string()),
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e15 => owned((*n as i64).to_string()),
+        Value::Number(n) => owned(n.to_string()),
+        other => Err(OutputError::Invalid(format!(
             "{what} must be a string, got {}",
             json::lua_type_name(other)
-        )),
+        ))),
+    }
+}
+
+/// Text read from a Lua value: a Lua string's bytes in place, or a number's digits.
+enum Text {
+    Lua(mlua::BorrowedBytes),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Text {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Text::Lua(bytes) => bytes,
+            Text::Owned(bytes) => bytes,
+        }
     }
 }
 
 /// `value` as a table, `None` for nil; anything else is an error naming `what`.
-fn optional_table<'v>(value: &'v Value, what: &str) -> Result<Option<&'v Table>, String> {
+fn optional_table<'v>(value: &'v Value, what: &str) -> Result<Option<&'v Table>, OutputError> {
     match value {
         Value::Nil => Ok(None),
         Value::Table(table) => Ok(Some(table)),
-        other => Err(format!(
+        other => Err(OutputError::Invalid(format!(
             "{what} must be a table, got {}",
             json::lua_type_name(other)
-        )),
+        ))),
     }
 }
 
-fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String> {
+fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, OutputError> {
     let Some(table) = optional_table(value, what)? else {
         return Ok(Vec::new());
     };
@@ -438,51 +470,108 @@ fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String
         let name = name
             .to_str()
             .map_err(|_| format!("{what}: names must be UTF-8"))?;
-        let value = text(&value, &format!("{what}.{}", &*name))?.unwrap_or_default();
-        let value =
-            String::from_utf8(value).map_err(|_| format!("{what}.{}: must be UTF-8", &*name))?;
+        let value = text(&value, &format!("{what}.{}", &*name))?;
+        let value = std::str::from_utf8(value.as_deref().unwrap_or_default())
+            .map_err(|_| format!("{what}.{}: must be UTF-8", &*name))?
+            .to_string();
         out.push((name.to_string(), value));
     }
     out.sort();
     Ok(out)
 }
 
-/// Reads headers back from Lua: a name whose text is unchanged keeps all its original
-/// values; names left out are removed.
-fn read_headers(value: &Value, original: &HeaderMap, what: &str) -> Result<HeaderMap, String> {
-    let Some(table) = optional_table(value, what)? else {
-        return Ok(HeaderMap::new());
-    };
+/// Reads headers back from Lua. A name whose text is unchanged keeps all its original
+/// values (several `Cookie` lines stay several); names left out are removed. What the
+/// phase *sets* is counted against the output caps before it is copied (lines kept as they
+/// were are not: they were bounded when they were parsed), and when a name is given twice
+/// in different cases, a changed value wins over an unchanged one and the first changed
+/// one wins over the rest. [`FRAMING_HEADERS`] stay exactly as they were: the returned
+/// set names those the phase tried to change or add.
+fn read_headers(
+    value: &Value,
+    original: &HeaderMap,
+    what: &'static str,
+    limits: &Limits,
+) -> Result<(HeaderMap, Dropped), OutputError> {
     let mut out = HeaderMap::new();
-    for pair in table.pairs::<LuaString, Value>() {
-        let (name, value) = pair.map_err(|e| format!("{what}: {e}"))?;
-        let name = HeaderName::from_bytes(&name.as_bytes().to_ascii_lowercase())
-            .map_err(|_| format!("{what}: invalid header name '{}'", name.to_string_lossy()))?;
-        let Some(value) = text(&value, &format!("{what}.{name}"))? else {
-            continue;
-        };
-        if original.contains_key(&name) && joined(original, &name) == value {
-            for original_value in original.get_all(&name) {
-                out.append(name.clone(), original_value.clone());
+    let mut dropped = Dropped::default();
+    let mut budget = HeaderBudget::new(limits);
+    let mut changed: Vec<HeaderName> = Vec::new();
+    if let Some(table) = optional_table(value, what)? {
+        for pair in table.pairs::<LuaString, Value>() {
+            let (name, value) = pair.map_err(|e| format!("{what}: {e}"))?;
+            let name =
+                header_name(&name.as_bytes(), &budget).map_err(|error| error.within(what))?;
+            let Some(value) = text(&value, &format!("{what}.{name}"))? else {
+                continue;
+            };
+            let unchanged = original.contains_key(&name) && joined(original, &name) == *value;
+            if unchanged {
+                if !out.contains_key(&name) {
+                    for original_value in original.get_all(&name) {
+                        out.append(name.clone(), original_value.clone());
+                    }
+                } else {
+                    budget.entry()?;
+                }
+                continue;
             }
-        } else {
-            let value = HeaderValue::from_bytes(&value)
-                .map_err(|_| format!("{what}.{name}: invalid header value"))?;
-            out.insert(name, value);
+            budget.entry()?;
+            if let Some(index) = framing_header(name.as_str().as_bytes()) {
+                dropped.insert(index);
+                continue;
+            }
+            if changed.contains(&name) {
+                continue;
+            }
+            budget.line(name.as_str().as_bytes(), value.len())?;
+            let value = HeaderValue::from_bytes(&value).map_err(|_| {
+                OutputError::Invalid(format!(
+                    "{what}.{name}: invalid header value (CR, LF, NUL and other control \
+                     characters are not allowed)"
+                ))
+            })?;
+            out.insert(name.clone(), value);
+            changed.push(name);
         }
     }
-    Ok(out)
+    // Framing headers are the node's: exactly the original ones, whatever the phase did.
+    for name in FRAMING_HEADERS {
+        out.remove(name);
+        for original_value in original.get_all(name) {
+            out.append(HeaderName::from_static(name), original_value.clone());
+        }
+    }
+    Ok((out, dropped))
 }
 
-fn apply_request(table: &Table, request: &mut PluginRequest) -> Result<(), String> {
+/// Most bytes of a path and query a plugin may set (a request line the node would accept
+/// from an upstream's head; see [`Limits::response_head_bytes`]).
+fn path_cap(limits: &Limits) -> usize {
+    limits.response_head_bytes
+}
+
+fn apply_request(
+    table: &Table,
+    request: &mut PluginRequest,
+    limits: &Limits,
+) -> Result<Dropped, OutputError> {
     let method = text(&field(table, "method")?, "req.method")?.ok_or("req.method is nil")?;
-    if method != request.method.as_str().as_bytes() {
+    if *method != *request.method.as_str().as_bytes() {
+        if method.len() > 64 {
+            return Err("req.method is longer than 64 bytes".into());
+        }
         request.method = Method::from_bytes(&method).map_err(|_| "req.method is not a method")?;
     }
     let path = text(&field(table, "path")?, "req.path")?.ok_or("req.path is nil")?;
-    let path = String::from_utf8(path).map_err(|_| "req.path must be UTF-8")?;
+    if path.len() > path_cap(limits).max(request.path.len()) {
+        return Err(format!("req.path is longer than {} bytes", path_cap(limits)).into());
+    }
+    let path = std::str::from_utf8(&path)
+        .map_err(|_| "req.path must be UTF-8")?
+        .to_string();
     if !path.starts_with('/') {
-        return Err(format!("req.path must start with '/', got '{path}'"));
+        return Err(format!("req.path must start with '/', got '{path}'").into());
     }
     let query = string_map(&field(table, "query")?, "req.query")?;
     let mut original: Vec<(String, String)> = request
@@ -512,42 +601,82 @@ fn apply_request(table: &Table, request: &mut PluginRequest) -> Result<(), Strin
         Some(query) => format!("{path}?{query}"),
         None => path.clone(),
     };
+    let original_len = request.path.len() + request.query.as_deref().map_or(0, str::len);
+    if candidate.len() > path_cap(limits).max(original_len + 1) {
+        return Err(format!(
+            "req.path and req.query are longer than {} bytes",
+            path_cap(limits)
+        )
+        .into());
+    }
     http::uri::PathAndQuery::try_from(candidate.as_str())
         .map_err(|_| format!("req.path '{path}' is not a valid URI path"))?;
     request.path = path;
     request.query = query;
-    request.headers = read_headers(&field(table, "headers")?, &request.headers, "req.headers")?;
+    let (headers, dropped) = read_headers(
+        &field(table, "headers")?,
+        &request.headers,
+        "req.headers",
+        limits,
+    )?;
+    request.headers = headers;
     request.body = match text(&field(table, "body")?, "req.body")? {
-        Some(body) => Bytes::from(body),
+        // The body may stay as large as it came; a new one is capped like a response's.
+        Some(body) if body.len() > limits.response_body_bytes.max(request.body.len()) => {
+            return Err(OutputError::BodyTooLarge {
+                limit: limits.response_body_bytes,
+            }
+            .within("req.body"));
+        }
+        Some(body) if *body == *request.body => request.body.clone(),
+        Some(body) => Bytes::copy_from_slice(&body),
         None => Bytes::new(),
     };
     request.params = string_map(&field(table, "params")?, "req.params")?;
-    Ok(())
+    Ok(dropped)
 }
 
-fn apply_response(table: &Table, response: &mut PluginResponse) -> Result<(), String> {
+/// Applies a filter's changes. The status may stay what it was (a `101` of a WebSocket
+/// route included) or become another in 200-599; framing headers stay the node's.
+fn apply_response(
+    table: &Table,
+    response: &mut PluginResponse,
+    limits: &Limits,
+) -> Result<Dropped, OutputError> {
     let status = match field(table, "status")? {
         Value::Integer(code) => code as f64,
         Value::Number(code) => code,
         other => {
-            return Err(format!(
+            return Err(OutputError::Invalid(format!(
                 "res.status must be a number, got {}",
                 json::lua_type_name(&other)
-            ));
+            )));
         }
     };
-    if status.fract() != 0.0 || !(100.0..=599.0).contains(&status) {
-        return Err(format!(
-            "res.status {status} is not an HTTP status (100-599)"
-        ));
+    if status != f64::from(response.status.as_u16()) {
+        response.status = contract::tenant_status(status, "res.status")?;
     }
-    response.status = StatusCode::from_u16(status as u16).map_err(|e| e.to_string())?;
-    response.headers = read_headers(&field(table, "headers")?, &response.headers, "res.headers")?;
-    if response.body.is_some() {
-        let body = text(&field(table, "body")?, "res.body")?.unwrap_or_default();
-        response.body = Some(Bytes::from(body));
+    let (headers, dropped) = read_headers(
+        &field(table, "headers")?,
+        &response.headers,
+        "res.headers",
+        limits,
+    )?;
+    response.headers = headers;
+    if let Some(original) = &response.body {
+        let body = text(&field(table, "body")?, "res.body")?;
+        let body = body.as_deref().unwrap_or_default();
+        if body.len() > limits.response_body_bytes.max(original.len()) {
+            return Err(OutputError::BodyTooLarge {
+                limit: limits.response_body_bytes,
+            }
+            .within("res.body"));
+        }
+        if *body != **original {
+            response.body = Some(Bytes::copy_from_slice(body));
+        }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 #[cfg(test)]

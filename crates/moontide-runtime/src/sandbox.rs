@@ -27,7 +27,7 @@ use crate::engine::Engine;
 use crate::instance::LogSink;
 use crate::limits::Limits;
 use crate::modules;
-use crate::modules::log::EmitLog;
+use crate::modules::log::{EmitLog, LogEmitter};
 use crate::watchdog::InterruptSwitch;
 
 /// How often a long-running call yields back to the I/O loop of its thread, in coarse
@@ -262,19 +262,10 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     let line_cap = spec.limits.log_line_bytes;
     let sink = spec.log.clone();
     let log_state = state.clone();
-    let emit_log: EmitLog = Rc::new(move |level, message: &str| {
+    let emit_log: EmitLog = Rc::new(LogEmitter::new(line_cap, move |level, line: &str| {
         let request_id = log_state.request_id.borrow().clone();
-        if message.len() > line_cap {
-            let mut cut = line_cap;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let line = format!("{}… [{} bytes cut]", &message[..cut], message.len() - cut);
-            sink.log(level, &request_id, &line);
-        } else {
-            sink.log(level, &request_id, message);
-        }
-    });
+        sink.log(level, &request_id, line);
+    }));
 
     globals.raw_set(
         "print",
@@ -332,7 +323,7 @@ fn require_function(
     let function = spec.function.clone();
     let engine_shared = spec.engine.shared_dict();
     let http_client = spec.engine.http_client();
-    let http_body_cap = spec.limits.http_body_bytes;
+    let limits = spec.limits;
     let loaded: RefCell<HashMap<String, Value>> = RefCell::new(HashMap::new());
     let loading: RefCell<Vec<String>> = RefCell::new(Vec::new());
     lua.create_function(move |lua, name: String| {
@@ -359,7 +350,7 @@ fn require_function(
                 "time" => modules::time::module(lua)?,
                 "shared" => modules::shared::module(lua, engine_shared.clone())?,
                 "log" => modules::log::module(lua, emit_log.clone())?,
-                "http" => modules::http::module(lua, http_client.clone(), http_body_cap)?,
+                "http" => modules::http::module(lua, http_client.clone(), limits)?,
                 _ => {
                     return Err(mlua::Error::runtime(format!(
                         "module '{name}' not found: not a built-in module (json, http, shared, \

@@ -7,10 +7,16 @@
 //! - `http.get(url [, opts])`, `http.post(url, body [, opts])`: shorthands.
 //!
 //! Only `http` and `https` URLs; response bodies above the function's cap are an error.
+//! Request headers are capped like a response's (`Limits::response_headers` lines,
+//! `response_header_bytes` per line, `response_head_bytes` in all), checked before each
+//! is copied out of Lua.
 
 use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
+
+use crate::contract::HeaderBudget;
+use crate::limits::Limits;
 
 /// Longest an outbound request may take unless `timeout_ms` says otherwise (the call's
 /// own deadline still bounds it).
@@ -32,6 +38,7 @@ fn parse_request(
     url: String,
     opts: Option<Table>,
     body: Option<Vec<u8>>,
+    limits: &Limits,
 ) -> Result<Outbound, String> {
     let url = reqwest::Url::parse(&url).map_err(|e| format!("invalid url '{url}': {e}"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
@@ -64,8 +71,16 @@ fn parse_request(
     match field("headers")? {
         Value::Nil => {}
         Value::Table(headers) => {
+            let mut budget = HeaderBudget::new(limits);
             for pair in headers.pairs::<mlua::LuaString, Value>() {
                 let (name, value) = pair.map_err(|e| format!("headers: {e}"))?;
+                let value_len = match &value {
+                    Value::String(s) => s.as_bytes().len(),
+                    _ => 32,
+                };
+                budget
+                    .line(&name.as_bytes(), value_len)
+                    .map_err(|e| format!("headers: {e}"))?;
                 let value = match value {
                     Value::String(s) => s.as_bytes().to_vec(),
                     Value::Number(n) => n.to_string().into_bytes(),
@@ -170,8 +185,9 @@ fn response_table(lua: &Lua, (status, headers, body): ResponseParts) -> mlua::Re
 }
 
 /// Builds the `http` module table over the node's shared client.
-pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Result<Table> {
+pub fn module(lua: &Lua, client: reqwest::Client, limits: Limits) -> mlua::Result<Table> {
     let table = lua.create_table_with_capacity(0, 3)?;
+    let body_cap = limits.http_body_bytes;
 
     let run = move |client: reqwest::Client, lua: Lua, parsed: Result<Outbound, String>| async move {
         let request = match parsed {
@@ -192,7 +208,7 @@ pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Resu
                 .raw_get::<Option<String>>("url")
                 .map_err(|e| e.to_string())
                 .and_then(|url| url.ok_or_else(|| "url is required".to_string()))
-                .and_then(|url| parse_request(url, Some(opts), None));
+                .and_then(|url| parse_request(url, Some(opts), None, &limits));
             run(request_client.clone(), lua, parsed)
         })?,
     )?;
@@ -200,7 +216,7 @@ pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Resu
     table.raw_set(
         "get",
         lua.create_async_function(move |lua, (url, opts): (String, Option<Table>)| {
-            let parsed = parse_request(url, opts, None);
+            let parsed = parse_request(url, opts, None, &limits);
             run(get_client.clone(), lua, parsed)
         })?,
     )?;
@@ -208,13 +224,14 @@ pub fn module(lua: &Lua, client: reqwest::Client, body_cap: usize) -> mlua::Resu
         "post",
         lua.create_async_function(
             move |lua, (url, body, opts): (String, mlua::LuaString, Option<Table>)| {
-                let parsed =
-                    parse_request(url, opts, Some(body.as_bytes().to_vec())).map(|mut r| {
+                let parsed = parse_request(url, opts, Some(body.as_bytes().to_vec()), &limits).map(
+                    |mut r| {
                         if r.method == reqwest::Method::GET {
                             r.method = reqwest::Method::POST;
                         }
                         r
-                    });
+                    },
+                );
                 run(client.clone(), lua, parsed)
             },
         )?,

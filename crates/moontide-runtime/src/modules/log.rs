@@ -11,25 +11,109 @@ use mlua::{Function, Lua, MultiValue, Table, Value};
 use crate::instance::LogLevel;
 
 /// Writes one line to the function log at a level (the instance tags it with the request id).
-pub type EmitLog = Rc<dyn Fn(LogLevel, &str)>;
+pub type EmitLog = Rc<LogEmitter>;
 
-/// Renders arguments the way `print` does: `tostring` of each, joined by `separator`.
-fn render(values: &MultiValue, separator: &str) -> mlua::Result<String> {
-    let mut line = String::new();
-    for (index, value) in values.iter().enumerate() {
-        if index > 0 {
-            line.push_str(separator);
-        }
-        match value {
-            Value::String(s) => line.push_str(&s.to_string_lossy()),
-            Value::Nil => line.push_str("nil"),
-            Value::Boolean(b) => line.push_str(if *b { "true" } else { "false" }),
-            Value::Integer(i) => line.push_str(&i.to_string()),
-            Value::Number(n) => line.push_str(&format_number(*n)),
-            other => line.push_str(&other.to_string()?),
+/// Where a state's log lines go: every line is cut at the line cap and marked with how many
+/// bytes were cut, in one place. Lines are built within the cap ([`LogEmitter::render`]), so
+/// `print(s, s, s, ...)` with thousands of references to one large string costs the host
+/// `cap` bytes, not their sum.
+pub struct LogEmitter {
+    cap: usize,
+    write: Box<dyn Fn(LogLevel, &str)>,
+}
+
+impl LogEmitter {
+    /// `write` gets each line, already cut to `cap` bytes (plus the mark).
+    pub fn new(cap: usize, write: impl Fn(LogLevel, &str) + 'static) -> LogEmitter {
+        LogEmitter {
+            cap,
+            write: Box::new(write),
         }
     }
-    Ok(line)
+
+    /// Writes `message`, cut to the cap if longer.
+    pub fn emit(&self, level: LogLevel, message: &str) {
+        self.emit_cut(level, message, 0);
+    }
+
+    /// Writes `text`, of which `already_cut` more bytes were left out before it was made.
+    fn emit_cut(&self, level: LogLevel, text: &str, already_cut: usize) {
+        if text.len() <= self.cap && already_cut == 0 {
+            (self.write)(level, text);
+            return;
+        }
+        let mut keep = text.len().min(self.cap);
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let cut = text.len() - keep + already_cut;
+        (self.write)(level, &format!("{}… [{cut} bytes cut]", &text[..keep]));
+    }
+
+    /// Renders arguments the way `print` does — `tostring` of each, joined by `separator` —
+    /// keeping at most the cap's bytes: what does not fit is counted, not copied (strings
+    /// and numbers by their length; other values past the cap are not converted at all).
+    fn render(&self, values: &MultiValue, separator: &str) -> mlua::Result<(String, usize)> {
+        let mut line = Capped {
+            text: String::new(),
+            cap: self.cap,
+            cut: 0,
+        };
+        for (index, value) in values.iter().enumerate() {
+            if index > 0 {
+                line.push(separator);
+            }
+            match value {
+                Value::String(s) => {
+                    let bytes = s.as_bytes();
+                    // Only what can fit is decoded (a character cut in two is replaced).
+                    let shown = bytes.len().min(line.room());
+                    line.cut += bytes.len() - shown;
+                    line.push(&String::from_utf8_lossy(&bytes[..shown]));
+                }
+                Value::Nil => line.push("nil"),
+                Value::Boolean(b) => line.push(if *b { "true" } else { "false" }),
+                Value::Integer(i) => line.push(&i.to_string()),
+                Value::Number(n) => line.push(&format_number(*n)),
+                _ if line.room() == 0 => {}
+                other => line.push(&other.to_string()?),
+            }
+        }
+        Ok((line.text, line.cut))
+    }
+
+    fn emit_values(
+        &self,
+        level: LogLevel,
+        values: &MultiValue,
+        separator: &str,
+    ) -> mlua::Result<()> {
+        let (line, cut) = self.render(values, separator)?;
+        self.emit_cut(level, &line, cut);
+        Ok(())
+    }
+}
+
+/// A line kept within `cap` bytes; `cut` counts the bytes left out.
+struct Capped {
+    text: String,
+    cap: usize,
+    cut: usize,
+}
+
+impl Capped {
+    fn room(&self) -> usize {
+        self.cap.saturating_sub(self.text.len())
+    }
+
+    fn push(&mut self, text: &str) {
+        let mut keep = text.len().min(self.room());
+        while !text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        self.text.push_str(&text[..keep]);
+        self.cut += text.len() - keep;
+    }
 }
 
 /// Lua's `%.14g` number format: integral values print without a fraction.
@@ -44,8 +128,7 @@ fn format_number(n: f64) -> String {
 /// The global `print`: tab-separated, level info.
 pub fn print_function(lua: &Lua, emit: EmitLog) -> mlua::Result<Function> {
     lua.create_function(move |_, values: MultiValue| {
-        emit(LogLevel::Info, &render(&values, "\t")?);
-        Ok(())
+        emit.emit_values(LogLevel::Info, &values, "\t")
     })
 }
 
@@ -62,8 +145,7 @@ pub fn module(lua: &Lua, emit: EmitLog) -> mlua::Result<Table> {
         table.raw_set(
             name,
             lua.create_function(move |_, values: MultiValue| {
-                emit(level, &render(&values, " ")?);
-                Ok(())
+                emit.emit_values(level, &values, " ")
             })?,
         )?;
     }
@@ -80,8 +162,9 @@ mod tests {
         let lua = Lua::new();
         let lines: Rc<RefCell<Vec<(LogLevel, String)>>> = Rc::default();
         let sink = lines.clone();
-        let emit: EmitLog =
-            Rc::new(move |level, line: &str| sink.borrow_mut().push((level, line.to_string())));
+        let emit: EmitLog = Rc::new(LogEmitter::new(16 << 10, move |level, line: &str| {
+            sink.borrow_mut().push((level, line.to_string()))
+        }));
         lua.globals()
             .set("print", print_function(&lua, emit.clone()).unwrap())
             .unwrap();
