@@ -764,7 +764,7 @@ pub(crate) fn direct_result_json(value: &Value, limit: usize) -> Result<Vec<u8>,
                 }
             }
         }
-        rest.sort_by(|a, b| a.0.as_bytes().cmp(&b.0.as_bytes()));
+        rest.sort_by_key(|(key, _)| key.as_bytes());
         out.push(b'{');
         let mut first = true;
         let mut known = Vec::with_capacity(RESULT_KEY_ORDER.len());
@@ -806,4 +806,305 @@ pub(crate) fn direct_result_json(value: &Value, limit: usize) -> Result<Vec<u8>,
     }
     json::encode_value_within(value, &mut out, limit).map_err(too_large)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn convert(source: &str) -> Result<Converted, OutputError> {
+        convert_with(source, &Limits::default())
+    }
+
+    fn convert_with(source: &str, limits: &Limits) -> Result<Converted, OutputError> {
+        let lua = Lua::new();
+        let value: Value = lua.load(source).eval().expect("the result evaluates");
+        http_response(value, limits)
+    }
+
+    fn kind(result: Result<Converted, OutputError>) -> &'static str {
+        match result {
+            Ok(converted) => panic!("accepted: {:?}", converted.response),
+            Err(error) => error.kind(),
+        }
+    }
+
+    /// 100 000 headers used to panic the worker inside `HeaderMap` (its maximum is 32 768
+    /// entries); the cap was checked only after inserting them all.
+    #[test]
+    fn a_header_flood_is_refused_before_it_is_copied() {
+        for source in [
+            "local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end
+             return { statusCode = 200, headers = h }",
+            "local v = {} for i = 1, 100000 do v[i] = 'v' end
+             return { statusCode = 200, multiValueHeaders = { ['x-a'] = v } }",
+            "local m = {} for i = 1, 40000 do m['x-h' .. i] = { 'a', 'b' } end
+             return { statusCode = 200, multiValueHeaders = m }",
+        ] {
+            let error = convert(source).unwrap_err();
+            assert_eq!(error, OutputError::TooManyHeaders { limit: 100 });
+            assert_eq!(error.kind(), "output_header_count");
+        }
+        // Entries that are dropped or superseded are bounded too: case variants of a
+        // framing header, of a name multiValueHeaders gives.
+        let variants = "local function variant(name, i)
+               local out = {}
+               for c = 1, #name do
+                 local ch = name:sub(c, c)
+                 if bit32.extract(i, (c - 1) % 20) == 1 then ch = ch:upper() end
+                 out[c] = ch
+               end
+               return table.concat(out)
+             end";
+        for (name, multi) in [
+            ("transfer-encoding", "{}"),
+            ("x-abcdefghijklmnop", "{ 'v' }"),
+        ] {
+            let source = format!(
+                "{variants}
+                 local h = {{}} for i = 0, 5000 do h[variant('{name}', i)] = 'v' end
+                 return {{ statusCode = 200, headers = h,
+                          multiValueHeaders = {{ ['{name}'] = {multi} }} }}"
+            );
+            assert_eq!(
+                convert(&source).unwrap_err(),
+                OutputError::TooManyHeaderEntries { limit: 400 }
+            );
+        }
+        // At the cap: fine.
+        let converted = convert(
+            "local h = {} for i = 1, 100 do h['x-h' .. i] = 'v' end
+             return { statusCode = 200, headers = h }",
+        )
+        .unwrap();
+        assert_eq!(converted.response.headers.len(), 100);
+    }
+
+    #[test]
+    fn framing_headers_are_dropped_and_named() {
+        let converted = convert(
+            "return { statusCode = 200, body = 'HTTP/1.1 200 OK\\r\\n\\r\\n',
+                      headers = { ['Content-Length'] = 0, ['Transfer-Encoding'] = 'chunked',
+                                  Connection = 'close', ['Keep-Alive'] = 'timeout=5',
+                                  Upgrade = 'h2c', TE = 'trailers', Trailer = 'x-t',
+                                  ['Proxy-Connection'] = 'close', ['x-ok'] = 'yes' },
+                      multiValueHeaders = { ['content-length'] = { '1', '2' } } }",
+        )
+        .unwrap();
+        let names: Vec<&str> = converted
+            .response
+            .headers
+            .keys()
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(names, ["x-ok", "content-type"]);
+        assert_eq!(
+            converted.dropped.names().collect::<Vec<_>>(),
+            FRAMING_HEADERS
+        );
+        assert!(
+            converted
+                .dropped
+                .warning("result")
+                .starts_with("result: dropped connection, content-length, keep-alive, ")
+        );
+        let clean = convert("return { statusCode = 200, headers = { ['x-a'] = '1' } }").unwrap();
+        assert!(clean.dropped.is_empty());
+    }
+
+    /// 100/199 answered a bare 500 without the request id (hyper's answer to a 1xx), 101
+    /// switched protocols on a request that never asked to.
+    #[test]
+    fn statuses_must_be_200_to_599() {
+        for status in [
+            "100", "101", "103", "199", "0", "-1", "600", "1e300", "200.5", "0/0", "1/0", "'101'",
+        ] {
+            let result = convert(&format!("return {{ statusCode = {status} }}"));
+            match result {
+                Err(OutputError::Invalid(message)) => {
+                    assert!(message.contains("is not allowed"), "{status}: {message}")
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        for (status, expected) in [("200", 200), ("599", 599), ("' 404 '", 404), ("204.0", 204)] {
+            let converted = convert(&format!("return {{ statusCode = {status} }}")).unwrap();
+            assert_eq!(converted.response.status, expected);
+        }
+        assert_eq!(
+            kind(convert("return { statusCode = 'abc' }")),
+            "result",
+            "a string that is not a number"
+        );
+    }
+
+    #[test]
+    fn header_names_and_values_http_cannot_carry_are_errors() {
+        for headers in [
+            "{ ['x-a'] = 'a\\r\\nset-cookie: evil=1' }",
+            "{ ['x-a'] = 'a\\nb' }",
+            "{ ['x-a'] = 'a\\0b' }",
+            "{ ['x-a'] = 'a\\127' }",
+            "{ ['x a'] = 'v' }",
+            "{ ['x-a:'] = 'v' }",
+            "{ ['x-a\\r\\n'] = 'v' }",
+            "{ [''] = 'v' }",
+            "{ ['x-\\0'] = 'v' }",
+            "{ ['x-a'] = {} }",
+            "{ ['x-a'] = true and function() end }",
+        ] {
+            let source = format!("return {{ statusCode = 200, headers = {headers} }}");
+            assert_eq!(kind(convert(&source)), "result", "{headers}");
+            let source = format!(
+                "local h = {headers} local m = {{}}
+                 for k, v in pairs(h) do m[k] = {{ v }} end
+                 return {{ statusCode = 200, multiValueHeaders = m }}"
+            );
+            assert_eq!(kind(convert(&source)), "result", "multi {headers}");
+        }
+        // Names are shown escaped in the message.
+        let error =
+            convert("return { statusCode = 200, headers = { ['x a\\r\\n'] = 'v' } }").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("invalid header name 'x a\\r\\n'"),
+            "{error}"
+        );
+        // Numbers and booleans are text; obs-text bytes (>= 0x80) are allowed.
+        let converted = convert(
+            "return { statusCode = 200, headers = { ['x-n'] = 42, ['x-b'] = false,
+                                                    ['x-l'] = 'caf\\233' } }",
+        )
+        .unwrap();
+        assert_eq!(converted.response.headers["x-n"], "42");
+        assert_eq!(converted.response.headers["x-b"], "false");
+        assert_eq!(converted.response.headers["x-l"].as_bytes(), b"caf\xe9");
+    }
+
+    #[test]
+    fn one_line_and_all_lines_are_capped() {
+        assert_eq!(
+            convert(
+                "return { statusCode = 200, headers = { ['x-long'] = string.rep('v', 9000) } }"
+            )
+            .unwrap_err(),
+            OutputError::HeaderTooLong {
+                name: "'x-long'".into(),
+                bytes: 9006,
+                limit: 8192
+            }
+        );
+        // A name alone can be too long (before it is parsed).
+        let long_name =
+            convert("return { statusCode = 200, headers = { [string.rep('n', 70000)] = 'v' } }");
+        assert_eq!(kind(long_name), "output_header_line");
+        assert_eq!(
+            kind(convert(
+                "local h = {} for i = 1, 100 do h['x-h' .. i] = string.rep('v', 1000) end
+                 return { statusCode = 200, headers = h }"
+            )),
+            "output_header_bytes"
+        );
+        // 8 KiB lines: fine one by one, and 7 of them fit in 64 KiB.
+        let converted = convert(
+            "local h = {} for i = 1, 7 do h['x-h' .. i] = string.rep('v', 8000) end
+             return { statusCode = 200, headers = h }",
+        )
+        .unwrap();
+        assert_eq!(converted.response.headers.len(), 7);
+    }
+
+    #[test]
+    fn multi_value_headers_win_and_are_counted_once() {
+        let converted = convert(
+            "return { statusCode = 200, headers = { ['x-a'] = '1', ['x-b'] = '1' },
+                      multiValueHeaders = { ['X-A'] = { '2', '3' } } }",
+        )
+        .unwrap();
+        let values: Vec<_> = converted.response.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["2", "3"]);
+        assert_eq!(converted.response.headers["x-b"], "1");
+        // Ported Lambda code often gives every header in both tables.
+        let converted = convert(
+            "local h, m = {}, {}
+             for i = 1, 90 do h['x-h' .. i] = 'v' m['x-h' .. i] = { 'v' } end
+             return { statusCode = 200, headers = h, multiValueHeaders = m }",
+        )
+        .unwrap();
+        assert_eq!(converted.response.headers.len(), 90);
+    }
+
+    #[test]
+    fn bodies_are_capped_before_they_are_copied() {
+        let limits = Limits {
+            response_body_bytes: 1024,
+            ..Limits::default()
+        };
+        let too_large = OutputError::BodyTooLarge { limit: 1024 };
+        for source in [
+            "return string.rep('x', 1025)",
+            "return { statusCode = 200, body = string.rep('x', 1025) }",
+            // 1368 base64 characters are 1026 bytes.
+            "return { statusCode = 200, isBase64Encoded = true,
+                      body = string.rep('QUFB', 342) }",
+            // Refused before decoding: far more than the cap.
+            "return { statusCode = 200, isBase64Encoded = true,
+                      body = string.rep('QUFB', 100000) }",
+            "return { statusCode = 200, body = { string.rep('x', 2000) } }",
+            // Escaping makes JSON longer than its string: refused as it grows.
+            "return { statusCode = 200, body = { string.rep('\\1', 300) } }",
+            "return { data = string.rep('x', 2000) }",
+            "local t = {} for i = 1, 1000 do t[i] = i end return t",
+        ] {
+            assert_eq!(
+                convert_with(source, &limits).unwrap_err(),
+                too_large,
+                "{source}"
+            );
+        }
+        let fits = convert_with(
+            "return { statusCode = 200, isBase64Encoded = true, body = string.rep('QUFB', 341) }",
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(fits.response.body.len(), 1023);
+        assert_eq!(
+            kind(convert(
+                "return { statusCode = 200, isBase64Encoded = true, body = 'not base64!' }"
+            )),
+            "result"
+        );
+    }
+
+    #[test]
+    fn direct_results_are_capped() {
+        let lua = Lua::new();
+        let eval = |source: &str| lua.load(source).eval::<Value>().unwrap();
+        let value = eval("return { statusCode = 200, body = 'hi', extra = 1 }");
+        assert_eq!(
+            direct_result_json(&value, 1024).unwrap(),
+            br#"{"statusCode":200,"body":"hi","extra":1}"#
+        );
+        assert_eq!(
+            direct_result_json(&value, 20).unwrap_err(),
+            OutputError::BodyTooLarge { limit: 20 }
+        );
+        let value = eval("return { statusCode = 200, [string.rep('\\1', 100)] = 1 }");
+        assert_eq!(
+            direct_result_json(&value, 300).unwrap_err(),
+            OutputError::BodyTooLarge { limit: 300 }
+        );
+        let value = eval("return { a = string.rep('x', 100) }");
+        assert_eq!(
+            direct_result_json(&value, 50).unwrap_err(),
+            OutputError::BodyTooLarge { limit: 50 }
+        );
+        assert_eq!(
+            direct_result_json(&eval("return function() end"), 50)
+                .unwrap_err()
+                .kind(),
+            "result"
+        );
+    }
 }

@@ -796,6 +796,85 @@ mod tests {
         assert_eq!(seen, serde_json::json!({"x-name": "café", "x-utf8": "já"}));
     }
 
+    fn get<'a>(headers: &'a http::HeaderMap) -> HttpRequest<'a> {
+        HttpRequest {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers,
+            body: b"",
+            source_ip: "127.0.0.1",
+            request_id: "r",
+            request_time_epoch_ms: 0,
+            resource: "/",
+            path_parameters: &[],
+            protocol: "HTTP/1.1",
+        }
+    }
+
+    /// A result's framing headers are dropped, with one warning line per call; a result
+    /// over a cap is a bad result of the cap's kind, its reason in the log, and the
+    /// instance serves on.
+    #[tokio::test]
+    async fn output_rules_are_logged_per_call() {
+        let (instance, lines) = instance_with(
+            "return function(event)
+               if event.path == '/flood' then
+                 local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end
+                 return { statusCode = 200, headers = h }
+               end
+               return { statusCode = 200, body = 'b',
+                        headers = { ['content-length'] = '0', connection = 'close' } }
+             end",
+            Limits::default(),
+        )
+        .await;
+        let headers = http::HeaderMap::new();
+        for _ in 0..2 {
+            let response = instance.invoke_http(&get(&headers)).await.unwrap();
+            assert!(response.headers.get("content-length").is_none());
+            assert!(response.headers.get("connection").is_none());
+        }
+        let mut flood = get(&headers);
+        flood.path = "/flood";
+        let error = instance.invoke_http(&flood).await.unwrap_err();
+        assert_eq!(error.kind(), "output_header_count");
+        assert!(!instance.is_broken(), "a bad result keeps the instance");
+        let log = lines.0.lock().clone();
+        assert_eq!(
+            log,
+            [
+                "warn [r]: result: dropped connection, content-length (framing and connection \
+                 headers belong to the node, which sets them from the body it sends)",
+                "warn [r]: result: dropped connection, content-length (framing and connection \
+                 headers belong to the node, which sets them from the body it sends)",
+                "error [r]: call failed: invalid result: more than 100 header lines",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_direct_result_over_the_cap_is_refused() {
+        let limits = Limits {
+            response_body_bytes: 100,
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "return function() return { data = string.rep('x', 200) } end",
+            limits,
+        )
+        .await;
+        let error = instance
+            .invoke_json(&serde_json::json!({}), "r")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            CallError::BadResult(OutputError::BodyTooLarge { limit: 100 })
+        );
+        assert_eq!(error.kind(), "output_body");
+    }
+
     #[tokio::test]
     async fn memory_cap_ends_the_call() {
         let limits = Limits {

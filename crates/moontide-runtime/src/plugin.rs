@@ -857,7 +857,9 @@ mod tests {
             .request_phase(Phase::Access, &ctx, &mut req, "q")
             .await
             .unwrap_err();
-        assert!(matches!(error, CallError::BadResult(ref m) if m.contains("got number")));
+        assert!(
+            matches!(error, CallError::BadResult(ref m) if m.to_string().contains("got number"))
+        );
     }
 
     #[tokio::test]
@@ -940,5 +942,180 @@ mod tests {
             .unwrap_err();
         assert_eq!(error, CallError::Timeout);
         assert!(instance.is_broken());
+    }
+
+    fn ctx(instance: &Instance) -> PluginCtx {
+        instance
+            .plugin_ctx(&CtxInfo {
+                plugin_name: "p",
+                route: "r",
+                request_id: "q",
+                conf: None,
+            })
+            .unwrap()
+    }
+
+    fn upstream_response(status: StatusCode) -> PluginResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-length", HeaderValue::from_static("12"));
+        headers.insert("x-upstream", HeaderValue::from_static("1"));
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            headers.insert("upgrade", HeaderValue::from_static("websocket"));
+            headers.insert("connection", HeaderValue::from_static("upgrade"));
+        }
+        PluginResponse {
+            status,
+            headers,
+            body: None,
+        }
+    }
+
+    /// A header_filter that set `content-length: 0` on a proxied body made the node send
+    /// the body as a second response; `res.status = 101` switched protocols.
+    #[tokio::test]
+    async fn filters_cannot_change_framing_or_set_a_1xx_status() {
+        let instance = plugin(
+            "return { header_filter = function(res)
+                if res.headers['x-status'] then res.status = tonumber(res.headers['x-status']) return end
+                res.headers['content-length'] = '0'
+                res.headers['Transfer-Encoding'] = 'chunked'
+                res.headers['connection'] = 'close'
+                res.headers['x-added'] = 'yes'
+              end }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        let mut res = upstream_response(StatusCode::OK);
+        instance
+            .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap();
+        assert_eq!(res.headers["content-length"], "12", "the node's framing");
+        assert!(res.headers.get("transfer-encoding").is_none());
+        assert!(res.headers.get("connection").is_none());
+        assert_eq!(res.headers["x-added"], "yes");
+        assert_eq!(res.headers["x-upstream"], "1");
+        for status in ["101", "100", "199", "600", "0"] {
+            let mut res = upstream_response(StatusCode::OK);
+            res.headers
+                .insert("x-status", HeaderValue::from_str(status).unwrap());
+            let error = instance
+                .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), "result", "{status}");
+            assert!(
+                error.to_string().contains("header_filter: res.status"),
+                "{error}"
+            );
+        }
+        // The status a response already has stays allowed (a WebSocket route's 101), and
+        // so do its upgrade headers.
+        let mut res = upstream_response(StatusCode::SWITCHING_PROTOCOLS);
+        res.headers
+            .insert("x-status", HeaderValue::from_static("101"));
+        instance
+            .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap();
+        assert_eq!(res.status, 101);
+        assert_eq!(res.headers["upgrade"], "websocket");
+        assert_eq!(res.headers["connection"], "upgrade");
+    }
+
+    #[tokio::test]
+    async fn what_a_phase_sets_is_capped_before_it_is_copied() {
+        let instance = plugin(
+            "return {
+               access = function(req)
+                 if req.headers['x-flood'] then
+                   for i = 1, 100000 do req.headers['x-h' .. i] = 'v' end
+                 elseif req.headers['x-long'] then
+                   req.headers['x-long'] = string.rep('v', 9000)
+                 elseif req.headers['x-crlf'] then
+                   req.headers['x-crlf'] = 'a\\r\\nx-injected: 1'
+                 elseif req.headers['x-body'] then
+                   req.body = string.rep('b', 7 * 1024 * 1024)
+                 elseif req.headers['x-path'] then
+                   req.path = '/' .. string.rep('p', 70000)
+                 elseif req.headers['x-respond'] then
+                   local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end
+                   return { statusCode = 200, headers = h }
+                 end
+               end,
+               body_filter = function(res) res.body = string.rep('b', 7 * 1024 * 1024) end,
+             }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        for (header, kind) in [
+            ("x-flood", "output_header_count"),
+            ("x-long", "output_header_line"),
+            ("x-crlf", "result"),
+            ("x-body", "output_body"),
+            ("x-path", "result"),
+            ("x-respond", "output_header_count"),
+        ] {
+            let mut req = request();
+            req.headers.insert(header, HeaderValue::from_static("1"));
+            let error = instance
+                .request_phase(Phase::Access, &ctx, &mut req, "q")
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), kind, "{header}: {error}");
+            assert!(error.to_string().contains("access: "), "{error}");
+        }
+        // Headers the request came with do not count: only what the phase sets.
+        let mut req = request();
+        for i in 0..150 {
+            req.headers.insert(
+                HeaderName::try_from(format!("x-c{i}")).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(
+            instance
+                .request_phase(Phase::Access, &ctx, &mut req, "q")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(req.headers.len(), 153);
+        let mut res = PluginResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Some(Bytes::from_static(b"abc")),
+        };
+        let error = instance
+            .filter_phase(Phase::BodyFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), "output_body");
+    }
+
+    /// A name given twice in different cases: a change wins over the unchanged original.
+    #[tokio::test]
+    async fn a_changed_header_wins_over_its_unchanged_case_variant() {
+        let instance = plugin(
+            "return { rewrite = function(req)
+                req.headers['COOKIE'] = 'c=3'
+                req.headers['Cookie'] = req.headers.cookie
+              end }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        let mut req = request();
+        instance
+            .request_phase(Phase::Rewrite, &ctx, &mut req, "q")
+            .await
+            .unwrap();
+        let cookies: Vec<_> = req.headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["c=3"]);
     }
 }

@@ -238,3 +238,41 @@ pub fn module(lua: &Lua, client: reqwest::Client, limits: Limits) -> mlua::Resul
     )?;
     Ok(table)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 100 000 outbound headers used to reach reqwest's `HeaderMap` (which panics past
+    /// 32 768 entries) after being copied out of Lua.
+    #[test]
+    fn outbound_headers_are_capped_before_they_are_copied() {
+        let lua = Lua::new();
+        let limits = Limits::default();
+        for (source, expected) in [
+            (
+                "local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end return { headers = h }",
+                "headers: more than 100 header lines",
+            ),
+            (
+                "return { headers = { ['x-long'] = string.rep('v', 9000) } }",
+                "headers: header 'x-long' is 9006 bytes",
+            ),
+        ] {
+            let opts: Table = lua.load(source).eval().unwrap();
+            let error = parse_request("http://127.0.0.1/".into(), Some(opts), None, &limits)
+                .err()
+                .expect("refused");
+            assert!(error.starts_with(expected), "{error}");
+        }
+        let opts: Table = lua
+            .load("return { headers = { ['x-a'] = '1', ['x-b'] = 2 } }")
+            .eval()
+            .unwrap();
+        let Ok(request) = parse_request("http://127.0.0.1/".into(), Some(opts), None, &limits)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(request.headers.len(), 2);
+    }
+}

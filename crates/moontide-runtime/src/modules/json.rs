@@ -1271,6 +1271,27 @@ mod tests {
         );
     }
 
+    /// Escaping can make a string six times longer than itself: the cap is checked before
+    /// the string is copied and at every escape, not after the whole string is written.
+    #[test]
+    fn a_smaller_cap_stops_the_encoder_as_it_grows() {
+        let lua = Lua::new();
+        let control = lua.create_string(vec![1u8; 10_000]).unwrap();
+        let mut out = Vec::new();
+        let result = encode_value_within(&Value::String(control), &mut out, 1000);
+        assert!(matches!(result, Err(JsonError::TooLarge)));
+        assert!(out.len() <= 1006, "{} bytes written", out.len());
+        let plain = lua.create_string(vec![b'x'; 10_000]).unwrap();
+        let mut out = Vec::new();
+        let result = encode_value_within(&Value::String(plain), &mut out, 1000);
+        assert!(matches!(result, Err(JsonError::TooLarge)));
+        assert!(out.is_empty(), "refused before it was copied");
+        let mut out = Vec::new();
+        let fits = lua.create_string("a\u{1}b").unwrap();
+        encode_value_within(&Value::String(fits), &mut out, 10).unwrap();
+        assert_eq!(out, br#""a\u0001b""#);
+    }
+
     #[test]
     fn encode_errors() {
         let lua = sandboxed();

@@ -19,8 +19,11 @@ pub type EmitLog = Rc<LogEmitter>;
 /// `cap` bytes, not their sum.
 pub struct LogEmitter {
     cap: usize,
-    write: Box<dyn Fn(LogLevel, &str)>,
+    write: LineWriter,
 }
+
+/// Where cut lines go.
+type LineWriter = Box<dyn Fn(LogLevel, &str)>;
 
 impl LogEmitter {
     /// `write` gets each line, already cut to `cap` bytes (plus the mark).
@@ -180,6 +183,71 @@ mod tests {
                 (LogLevel::Info, "a\t1\t2.5\tnil\ttrue".to_string()),
                 (LogLevel::Warn, "x 3".to_string()),
                 (LogLevel::Error, String::new()),
+            ]
+        );
+    }
+
+    fn capped(cap: usize) -> (Lua, Rc<RefCell<Vec<String>>>) {
+        let lua = Lua::new();
+        let lines: Rc<RefCell<Vec<String>>> = Rc::default();
+        let sink = lines.clone();
+        let emit: EmitLog = Rc::new(LogEmitter::new(cap, move |_, line: &str| {
+            sink.borrow_mut().push(line.to_string())
+        }));
+        lua.globals()
+            .set("print", print_function(&lua, emit.clone()).unwrap())
+            .unwrap();
+        lua.globals()
+            .set("log", module(&lua, emit).unwrap())
+            .unwrap();
+        (lua, lines)
+    }
+
+    /// `print(s, s, ...)` with thousands of references to one 4 MiB string used to be
+    /// joined whole (28 GB) before the line was cut: the node aborted. Now the line is
+    /// built within the cap and the rest only counted.
+    #[test]
+    fn a_line_of_many_references_costs_the_cap() {
+        let (lua, lines) = capped(16 << 10);
+        lua.load(
+            "local s = string.rep('x', 4 * 1024 * 1024)
+             local t = {} for i = 1, 7000 do t[i] = s end
+             print(table.unpack(t))
+             log.warn(s, {}, s)",
+        )
+        .exec()
+        .unwrap();
+        let lines = lines.borrow();
+        let total: usize = 7000 * (4 << 20) + 6999;
+        assert_eq!(
+            lines[0],
+            format!(
+                "{}… [{} bytes cut]",
+                "x".repeat(16 << 10),
+                total - (16 << 10)
+            )
+        );
+        assert!(
+            lines[1].starts_with(&"x".repeat(16 << 10)),
+            "{}",
+            &lines[1][..40]
+        );
+        assert!(lines[1].ends_with(" bytes cut]"));
+    }
+
+    #[test]
+    fn cuts_keep_whole_characters() {
+        let (lua, lines) = capped(5);
+        lua.load("print('ab', 'é€x') print('abcde') print('abcdef') print(1, 2, 3)")
+            .exec()
+            .unwrap();
+        assert_eq!(
+            *lines.borrow(),
+            [
+                "ab\té… [4 bytes cut]",
+                "abcde",
+                "abcde… [1 bytes cut]",
+                "1\t2\t3",
             ]
         );
     }
