@@ -5,6 +5,15 @@
 //! Result rules: a table with `statusCode` is a response (`headers`, `multiValueHeaders`,
 //! `body`, `isBase64Encoded`); a string is `200 text/plain`; any other table (or number,
 //! boolean) is `200` JSON of that value; `nil` is `204`.
+//!
+//! Output rules (ARCHITECTURE.md, "Output is capped" and "Tenant output never decides
+//! framing"): the status is 200-599; [`FRAMING_HEADERS`] are dropped (the node frames the
+//! body) and reported in [`Converted::dropped`]; header names must be tokens and values
+//! free of CR, LF and NUL; `multiValueHeaders` wins over `headers` for a name. Every cap
+//! in [`Limits`] is checked *before* what it guards is copied out of Lua — header lines are
+//! counted before each insert ([`HeaderBudget`]), a body's length before its copy, JSON
+//! as it grows — and each has its own [`OutputError`] kind. No value reaches a panic: the
+//! fuzz target `fuzz/fuzz_targets/http_output.rs` checks it down to the wire.
 
 use base64::Engine as _;
 use bytes::Bytes;

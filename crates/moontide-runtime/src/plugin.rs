@@ -32,6 +32,15 @@
 //!   Each phase call has its own deadline (`remaining_ms` is for the running phase).
 //!
 //! Return values of the filters and `log` are ignored.
+//!
+//! What a phase returns or sets is tenant output, under the function contract's rules
+//! ([`crate::contract`]): a response `rewrite`/`access` ends the request with is converted
+//! like a function's result; headers a phase sets in `req.headers`/`res.headers` are
+//! counted against the output caps before they are copied (lines left as they were are
+//! not); framing headers ([`FRAMING_HEADERS`]) stay exactly as they were whatever a phase
+//! does, with one warning line when it tried; `res.status` may stay what it was (a 101
+//! included) or become another status in 200-599; a new `res.body` or `req.body` is capped
+//! like a response body.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -495,45 +504,9 @@ fn read_headers(
 ) -> Result<(HeaderMap, Dropped), OutputError> {
     let mut out = HeaderMap::new();
     let mut dropped = Dropped::default();
-    let mut budget = HeaderBudget::new(limits);
-    let mut changed: Vec<HeaderName> = Vec::new();
     if let Some(table) = optional_table(value, what)? {
-        for pair in table.pairs::<LuaString, Value>() {
-            let (name, value) = pair.map_err(|e| format!("{what}: {e}"))?;
-            let name =
-                header_name(&name.as_bytes(), &budget).map_err(|error| error.within(what))?;
-            let Some(value) = text(&value, &format!("{what}.{name}"))? else {
-                continue;
-            };
-            let unchanged = original.contains_key(&name) && joined(original, &name) == *value;
-            if unchanged {
-                if !out.contains_key(&name) {
-                    for original_value in original.get_all(&name) {
-                        out.append(name.clone(), original_value.clone());
-                    }
-                } else {
-                    budget.entry()?;
-                }
-                continue;
-            }
-            budget.entry()?;
-            if let Some(index) = framing_header(name.as_str().as_bytes()) {
-                dropped.insert(index);
-                continue;
-            }
-            if changed.contains(&name) {
-                continue;
-            }
-            budget.line(name.as_str().as_bytes(), value.len())?;
-            let value = HeaderValue::from_bytes(&value).map_err(|_| {
-                OutputError::Invalid(format!(
-                    "{what}.{name}: invalid header value (CR, LF, NUL and other control \
-                     characters are not allowed)"
-                ))
-            })?;
-            out.insert(name.clone(), value);
-            changed.push(name);
-        }
+        read_header_table(table, original, limits, &mut out, &mut dropped)
+            .map_err(|error| error.within(what))?;
     }
     // Framing headers are the node's: exactly the original ones, whatever the phase did.
     for name in FRAMING_HEADERS {
@@ -543,6 +516,54 @@ fn read_headers(
         }
     }
     Ok((out, dropped))
+}
+
+/// [`read_headers`]'s walk of the table.
+fn read_header_table(
+    table: &Table,
+    original: &HeaderMap,
+    limits: &Limits,
+    out: &mut HeaderMap,
+    dropped: &mut Dropped,
+) -> Result<(), OutputError> {
+    let mut budget = HeaderBudget::new(limits);
+    let mut changed: Vec<HeaderName> = Vec::new();
+    for pair in table.pairs::<LuaString, Value>() {
+        let (name, value) = pair.map_err(|e| e.to_string())?;
+        let name = header_name(&name.as_bytes(), &budget)?;
+        let Some(value) = text(&value, name.as_str())? else {
+            continue;
+        };
+        let unchanged = original.contains_key(&name) && joined(original, &name) == *value;
+        if unchanged {
+            if !out.contains_key(&name) {
+                for original_value in original.get_all(&name) {
+                    out.append(name.clone(), original_value.clone());
+                }
+            } else {
+                budget.entry()?;
+            }
+            continue;
+        }
+        budget.entry()?;
+        if let Some(index) = framing_header(name.as_str().as_bytes()) {
+            dropped.insert(index);
+            continue;
+        }
+        if changed.contains(&name) {
+            continue;
+        }
+        budget.line(name.as_str().as_bytes(), value.len())?;
+        let value = HeaderValue::from_bytes(&value).map_err(|_| {
+            OutputError::Invalid(format!(
+                "invalid value for header '{name}': CR, LF, NUL and other control characters \
+                 are not allowed"
+            ))
+        })?;
+        out.insert(name.clone(), value);
+        changed.push(name);
+    }
+    Ok(())
 }
 
 /// Most bytes of a path and query a plugin may set (a request line the node would accept

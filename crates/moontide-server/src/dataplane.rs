@@ -7,7 +7,10 @@
 //! the function, a body read bounded in size, an instance from the thread's pool, the
 //! call, the response. Failures become JSON errors carrying the request id; the details go
 //! to the function's log, never to the client. A gateway route with plugins goes through
-//! `gateway::plugins` around its target (request phases, filters, logs).
+//! `gateway::plugins` around its target (request phases, filters, logs). A function's or
+//! a plugin's response reaches hyper without framing headers (`moontide_runtime::contract`
+//! drops them, a filter cannot change them): hyper frames every answer from its body, so
+//! tenant code cannot split, forge or swallow responses on a keep-alive connection.
 //!
 //! Calls of *long-running* functions — one of their calls used more than [`LONG_CALL`] of
 //! CPU past its first timeslice, or hit the blocking cap — are not run on the connection's thread but handed to the long-call

@@ -3,6 +3,10 @@
 //!
 //! Lua API: `log.debug(...)`, `log.info(...)`, `log.warn(...)`, `log.error(...)`; each
 //! joins its arguments with spaces (`tostring` of each, as `print` does with tabs).
+//!
+//! A line is cut at the function's line cap (`Limits::log_line_bytes`) and marked with the
+//! number of bytes cut; it is *built* within the cap, so the host never holds more than the
+//! cap per line, however many (or however large) the arguments.
 
 use std::rc::Rc;
 
