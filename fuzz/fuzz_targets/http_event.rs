@@ -97,7 +97,7 @@ fuzz_target!(|input: Request| {
         protocol: "HTTP/1.1",
     };
     HARNESS.with(|harness| {
-        let mut instance = harness.instance.borrow_mut();
+        let instance = harness.instance.borrow_mut();
         let response = harness
             .runtime
             .block_on(instance.invoke_http(&request))

@@ -234,9 +234,9 @@ fn result(lua: &Lua, input: &Input) -> mlua::Result<Value> {
             Value::String(lua.create_string(encoded)?)
         }
         Body::RawBase64(text) => Value::String(lua.create_string(text)?),
-        Body::Large(extra) => Value::String(
-            lua.create_string(vec![b'x'; LARGE_BASE + *extra as usize % 1024])?,
-        ),
+        Body::Large(extra) => {
+            Value::String(lua.create_string(vec![b'x'; LARGE_BASE + *extra as usize % 1024])?)
+        }
         Body::Json(pairs) => {
             let body = lua.create_table()?;
             for (key, value) in pairs {
@@ -467,9 +467,16 @@ fuzz_target!(|input: Input| {
             .unwrap_or_else(|| panic!("an incomplete first answer: {} bytes", out.len()));
         let (second, used_second) =
             parse(&out[used..], false).unwrap_or_else(|| panic!("no second answer"));
-        assert_eq!(used + used_second, out.len(), "bytes after the second answer");
+        assert_eq!(
+            used + used_second,
+            out.len(),
+            "bytes after the second answer"
+        );
         assert_eq!(second.status, 200);
-        assert_eq!(second.body, b"sentinel", "the second answer is the second request's");
+        assert_eq!(
+            second.body, b"sentinel",
+            "the second answer is the second request's"
+        );
         assert_eq!(second.all("x-sentinel"), [b"1"]);
         assert_eq!(second.all("x-request-id"), [b"sentinel-id"]);
         assert!(answer.all("x-sentinel").is_empty());
@@ -489,8 +496,12 @@ fuzz_target!(|input: Input| {
                     if name == "x-request-id" {
                         continue;
                     }
-                    let sent: Vec<&[u8]> =
-                        response.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+                    let sent: Vec<&[u8]> = response
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| v.as_bytes())
+                        .collect();
                     assert_eq!(answer.all(name.as_str()), sent, "{name}");
                 }
             }
