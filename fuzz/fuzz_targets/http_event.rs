@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use moontide_runtime::{
     Engine, EngineConfig, FunctionSource, HttpRequest, Instance, InstanceSpec, Limits, LogLevel,
-    LogSink, compile,
+    LogSink, UnitKind, compile,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -56,7 +56,7 @@ thread_local! {
             limits: Limits::default(),
             env: Arc::new(BTreeMap::new()),
             log: Arc::new(Discard),
-            kind: moontide_runtime::UnitKind::Function,
+            kind: UnitKind::Function,
             egress: moontide_runtime::FunctionEgress::none(),
         };
         let instance = runtime.block_on(Instance::new(&engine, &compiled, &spec)).unwrap();
@@ -98,7 +98,7 @@ fuzz_target!(|input: Request| {
         protocol: "HTTP/1.1",
     };
     HARNESS.with(|harness| {
-        let mut instance = harness.instance.borrow_mut();
+        let instance = harness.instance.borrow_mut();
         let response = harness
             .runtime
             .block_on(instance.invoke_http(&request))

@@ -1,4 +1,4 @@
--- expect: 500 function_error result
+-- expect: 500 function_error output_header_count
 return function(event)
   if event.queryStringParameters then return "ok" end
   local headers = {}

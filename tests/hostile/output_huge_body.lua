@@ -1,4 +1,4 @@
--- expect: 500 function_error result
+-- expect: 500 function_error output_body
 -- config: {"memory": "64MiB"}
 -- A response body over the output cap (6 MiB) is refused, not sent.
 return function(event)

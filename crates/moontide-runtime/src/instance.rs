@@ -29,7 +29,7 @@ use moontide_supervisor::recorder;
 
 use crate::clock;
 use crate::compile::CompiledFunction;
-use crate::contract::{self, HttpRequest, HttpResponse};
+use crate::contract::{self, HttpRequest, HttpResponse, OutputError};
 use crate::engine::{Engine, FunctionEgress};
 use crate::fairness::{self, Seat};
 use crate::limits::Limits;
@@ -76,9 +76,10 @@ pub enum CallError {
     /// The handler raised an error (message with traceback, for the log only).
     #[error("{0}")]
     Runtime(String),
-    /// The handler returned something that is not a valid result.
+    /// The handler (or a plugin phase) returned something that is not a valid result, or
+    /// a result over an output cap (its kind says which: [`OutputError::kind`]).
     #[error("invalid result: {0}")]
-    BadResult(String),
+    BadResult(OutputError),
     /// The call ran longer than its blocking cap inside one C function (a pattern match,
     /// a sort), where it cannot yield, on a thread that serves other calls.
     #[error("function held its thread for {0} ms without yielding")]
@@ -86,13 +87,26 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Every kind [`CallError::kind`] can name.
+    pub const KINDS: [&'static str; 9] = [
+        "timeout",
+        "memory",
+        "runtime",
+        "blocking",
+        OutputError::KINDS[0],
+        OutputError::KINDS[1],
+        OutputError::KINDS[2],
+        OutputError::KINDS[3],
+        OutputError::KINDS[4],
+    ];
+
     /// The label used in logs and in `moontide_function_errors_total{kind}`.
     pub fn kind(&self) -> &'static str {
         match self {
             CallError::Timeout => "timeout",
             CallError::MemoryLimit => "memory",
             CallError::Runtime(_) => "runtime",
-            CallError::BadResult(_) => "result",
+            CallError::BadResult(error) => error.kind(),
             CallError::Blocking(_) => "blocking",
         }
     }
@@ -166,7 +180,7 @@ pub struct Instance {
     pub(crate) ctx_template: Table,
     event_keys: contract::EventKeys,
     state: Rc<CallState>,
-    emit_log: EmitLog,
+    pub(crate) emit_log: EmitLog,
     pub(crate) limits: Limits,
     broken: Cell<bool>,
     calls_in_flight: Cell<u32>,
@@ -266,15 +280,8 @@ impl Instance {
     ) -> Result<Vec<u8>, CallError> {
         let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e))?;
         let value = self.call(event, request_id).await?;
-        let json = contract::direct_result_json(&value).map_err(|e| self.bad_result(e))?;
-        if json.len() > self.limits.response_body_bytes {
-            return Err(self.bad_result(format!(
-                "result is {} bytes of JSON; the limit is {}",
-                json.len(),
-                self.limits.response_body_bytes
-            )));
-        }
-        Ok(json)
+        contract::direct_result_json(&value, self.limits.response_body_bytes)
+            .map_err(|e| self.bad_result(e))
     }
 
     /// HTTP trigger: the event is an API Gateway proxy event (v1); the result becomes the
@@ -283,7 +290,22 @@ impl Instance {
         let event =
             contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
-        contract::http_response(value, &self.limits).map_err(|e| self.bad_result(e))
+        self.converted(contract::http_response(value, &self.limits), "result")
+    }
+
+    /// A converted result: its error logged and returned as [`CallError::BadResult`]; the
+    /// framing headers it dropped noted in one warning line.
+    pub(crate) fn converted(
+        &self,
+        converted: Result<contract::Converted, OutputError>,
+        what: &str,
+    ) -> Result<HttpResponse, CallError> {
+        let converted = converted.map_err(|e| self.bad_result(e))?;
+        if !converted.dropped.is_empty() {
+            self.emit_log
+                .emit(crate::LogLevel::Warn, &converted.dropped.warning(what));
+        }
+        Ok(converted.response)
     }
 
     /// `true` if the instance broke a limit and must not serve another call.
@@ -333,7 +355,7 @@ impl Instance {
         ctx.raw_set("request_id", request_id)
             .map_err(|e| classify(&e))?;
         let Entry::Handler(handler) = &self.entry else {
-            return Err(self.bad_result("a plugin cannot be called as a function".into()));
+            return Err(self.bad_result("a plugin cannot be called as a function"));
         };
         let handler = handler.clone();
         self.run(
@@ -441,14 +463,16 @@ impl Instance {
             Err(CallError::Timeout | CallError::MemoryLimit | CallError::Blocking(_))
         ));
         if let Err(error) = &result {
-            (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
+            self.emit_log
+                .emit(crate::LogLevel::Error, &format!("call failed: {error}"));
         }
         result
     }
 
-    pub(crate) fn bad_result(&self, message: String) -> CallError {
-        let error = CallError::BadResult(message);
-        (self.emit_log)(crate::LogLevel::Error, &format!("call failed: {error}"));
+    pub(crate) fn bad_result(&self, error: impl Into<OutputError>) -> CallError {
+        let error = CallError::BadResult(error.into());
+        self.emit_log
+            .emit(crate::LogLevel::Error, &format!("call failed: {error}"));
         error
     }
 }
@@ -793,6 +817,85 @@ mod tests {
         let response = instance.invoke_http(&request).await.unwrap();
         let seen: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(seen, serde_json::json!({"x-name": "café", "x-utf8": "já"}));
+    }
+
+    fn get<'a>(headers: &'a http::HeaderMap) -> HttpRequest<'a> {
+        HttpRequest {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers,
+            body: b"",
+            source_ip: "127.0.0.1",
+            request_id: "r",
+            request_time_epoch_ms: 0,
+            resource: "/",
+            path_parameters: &[],
+            protocol: "HTTP/1.1",
+        }
+    }
+
+    /// A result's framing headers are dropped, with one warning line per call; a result
+    /// over a cap is a bad result of the cap's kind, its reason in the log, and the
+    /// instance serves on.
+    #[tokio::test]
+    async fn output_rules_are_logged_per_call() {
+        let (instance, lines) = instance_with(
+            "return function(event)
+               if event.path == '/flood' then
+                 local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end
+                 return { statusCode = 200, headers = h }
+               end
+               return { statusCode = 200, body = 'b',
+                        headers = { ['content-length'] = '0', connection = 'close' } }
+             end",
+            Limits::default(),
+        )
+        .await;
+        let headers = http::HeaderMap::new();
+        for _ in 0..2 {
+            let response = instance.invoke_http(&get(&headers)).await.unwrap();
+            assert!(response.headers.get("content-length").is_none());
+            assert!(response.headers.get("connection").is_none());
+        }
+        let mut flood = get(&headers);
+        flood.path = "/flood";
+        let error = instance.invoke_http(&flood).await.unwrap_err();
+        assert_eq!(error.kind(), "output_header_count");
+        assert!(!instance.is_broken(), "a bad result keeps the instance");
+        let log = lines.0.lock().clone();
+        assert_eq!(
+            log,
+            [
+                "warn [r]: result: dropped connection, content-length (framing and connection \
+                 headers belong to the node, which sets them from the body it sends)",
+                "warn [r]: result: dropped connection, content-length (framing and connection \
+                 headers belong to the node, which sets them from the body it sends)",
+                "error [r]: call failed: invalid result: more than 100 header lines",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_direct_result_over_the_cap_is_refused() {
+        let limits = Limits {
+            response_body_bytes: 100,
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "return function() return { data = string.rep('x', 200) } end",
+            limits,
+        )
+        .await;
+        let error = instance
+            .invoke_json(&serde_json::json!({}), "r")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            CallError::BadResult(OutputError::BodyTooLarge { limit: 100 })
+        );
+        assert_eq!(error.kind(), "output_body");
     }
 
     #[tokio::test]

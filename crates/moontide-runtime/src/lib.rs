@@ -45,7 +45,7 @@ pub mod sandbox;
 mod watchdog;
 
 pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
-pub use contract::{HttpRequest, HttpResponse};
+pub use contract::{HttpRequest, HttpResponse, OutputError};
 pub use engine::{Engine, EngineConfig, FunctionEgress};
 pub use instance::{
     CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink, UnitKind,

@@ -15,9 +15,14 @@ pub struct Limits {
     pub http_body_bytes: usize,
     /// Cap on a response body (or a direct invocation's JSON result), in bytes.
     pub response_body_bytes: usize,
-    /// Cap on the number of response headers, and on each header value's bytes.
+    /// Cap on the number of response header lines (each value of `multiValueHeaders` is
+    /// one line).
     pub response_headers: usize,
+    /// Cap on one response header line: its name and value together, in bytes.
     pub response_header_bytes: usize,
+    /// Cap on all response header lines together (`name: value\r\n` each), in bytes: the
+    /// most the node's own proxy accepts from an upstream (`gateway::http1::MAX_HEAD_BYTES`).
+    pub response_head_bytes: usize,
 }
 
 impl Limits {
@@ -40,6 +45,7 @@ impl Default for Limits {
             response_body_bytes: 6 << 20,
             response_headers: 100,
             response_header_bytes: 8 << 10,
+            response_head_bytes: 64 << 10,
         }
     }
 }

@@ -32,13 +32,26 @@
 //!   Each phase call has its own deadline (`remaining_ms` is for the running phase).
 //!
 //! Return values of the filters and `log` are ignored.
+//!
+//! What a phase returns or sets is tenant output, under the function contract's rules
+//! ([`crate::contract`]): a response `rewrite`/`access` ends the request with is converted
+//! like a function's result; headers a phase sets in `req.headers`/`res.headers` are
+//! counted against the output caps before they are copied (lines left as they were are
+//! not); framing headers ([`FRAMING_HEADERS`]) stay exactly as they were whatever a phase
+//! does, with one warning line when it tried; `res.status` may stay what it was (a 101
+//! included) or become another status in 200-599; a new `res.body` or `req.body` is capped
+//! like a response body.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use mlua::{Function, Lua, LuaString, Table, Value};
 
-use crate::contract::{self, HttpResponse};
+use crate::contract::{
+    self, Dropped, FRAMING_HEADERS, HeaderBudget, HttpResponse, OutputError, framing_header,
+    header_name,
+};
 use crate::instance::{CallError, Entry, Instance, classify, copy_table};
+use crate::limits::Limits;
 use crate::modules::json;
 
 /// A request phase, in the order phases run.
@@ -276,8 +289,9 @@ impl Instance {
         let value = self
             .run(move || function.call_async::<Value>(args), request_id)
             .await?;
-        apply_request(&table, request)
-            .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))?;
+        let dropped = apply_request(&table, request, &self.limits)
+            .map_err(|error| self.bad_result(error.within(phase.name())))?;
+        self.warn_dropped(dropped, phase, "req.headers");
         match value {
             Value::Nil => Ok(None),
             Value::Table(ref response)
@@ -285,9 +299,9 @@ impl Instance {
                     .raw_get::<Value>("statusCode")
                     .is_ok_and(|v| !v.is_nil()) =>
             {
-                contract::http_response(value, &self.limits)
-                    .map(Some)
-                    .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))
+                let converted = contract::http_response(value, &self.limits)
+                    .map_err(|error| error.within(phase.name()));
+                self.converted(converted, phase.name()).map(Some)
             }
             other => Err(self.bad_result(format!(
                 "{} must return nil (go on) or a response table with statusCode, got {}",
@@ -312,8 +326,19 @@ impl Instance {
         let args = (table.clone(), ctx.0.clone());
         self.run(move || function.call_async::<Value>(args), request_id)
             .await?;
-        apply_response(&table, response)
-            .map_err(|message| self.bad_result(format!("{}: {message}", phase.name())))
+        let dropped = apply_response(&table, response, &self.limits)
+            .map_err(|error| self.bad_result(error.within(phase.name())))?;
+        self.warn_dropped(dropped, phase, "res.headers");
+        Ok(())
+    }
+
+    /// One warning line when a phase's changes to framing headers were dropped.
+    fn warn_dropped(&self, dropped: Dropped, phase: Phase, what: &str) {
+        if !dropped.is_empty() {
+            let context = format!("{}: {what}", phase.name());
+            self.emit_log
+                .emit(crate::LogLevel::Warn, &dropped.warning(&context));
+        }
     }
 
     /// Runs `log` with the request as it went on and the response as it went out.
@@ -399,36 +424,52 @@ fn field(table: &Table, name: &str) -> Result<Value, String> {
     table.raw_get::<Value>(name).map_err(|e| e.to_string())
 }
 
-/// A string field, or a number as text; `None` when nil.
-fn text(value: &Value, what: &str) -> Result<Option<Vec<u8>>, String> {
+/// A string field (borrowed from Lua, not copied), or a number as text; `None` when nil.
+fn text(value: &Value, what: &str) -> Result<Option<Text>, OutputError> {
+    let owned = |text: String| Ok(Some(Text::Owned(text.into_bytes())));
     match value {
         Value::Nil => Ok(None),
-        Value::String(s) => Ok(Some(s.as_bytes().to_vec())),
-        Value::Integer(i) => Ok(Some(i.to_string().into_bytes())),
-        Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e15 => {
-            Ok(Some((*n as i64).to_string().into_bytes()))
-        }
-        Value::Number(n) => Ok(Some(n.to_string().into_bytes())),
-        other => Err(format!(
+        Value::String(s) => Ok(Some(Text::Lua(s.as_bytes()))),
+        Value::Integer(i) => owned(i.to_string()),
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e15 => owned((*n as i64).to_string()),
+        Value::Number(n) => owned(n.to_string()),
+        other => Err(OutputError::Invalid(format!(
             "{what} must be a string, got {}",
             json::lua_type_name(other)
-        )),
+        ))),
+    }
+}
+
+/// Text read from a Lua value: a Lua string's bytes in place, or a number's digits.
+enum Text {
+    Lua(mlua::BorrowedBytes),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Text {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Text::Lua(bytes) => bytes,
+            Text::Owned(bytes) => bytes,
+        }
     }
 }
 
 /// `value` as a table, `None` for nil; anything else is an error naming `what`.
-fn optional_table<'v>(value: &'v Value, what: &str) -> Result<Option<&'v Table>, String> {
+fn optional_table<'v>(value: &'v Value, what: &str) -> Result<Option<&'v Table>, OutputError> {
     match value {
         Value::Nil => Ok(None),
         Value::Table(table) => Ok(Some(table)),
-        other => Err(format!(
+        other => Err(OutputError::Invalid(format!(
             "{what} must be a table, got {}",
             json::lua_type_name(other)
-        )),
+        ))),
     }
 }
 
-fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String> {
+fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, OutputError> {
     let Some(table) = optional_table(value, what)? else {
         return Ok(Vec::new());
     };
@@ -438,51 +479,120 @@ fn string_map(value: &Value, what: &str) -> Result<Vec<(String, String)>, String
         let name = name
             .to_str()
             .map_err(|_| format!("{what}: names must be UTF-8"))?;
-        let value = text(&value, &format!("{what}.{}", &*name))?.unwrap_or_default();
-        let value =
-            String::from_utf8(value).map_err(|_| format!("{what}.{}: must be UTF-8", &*name))?;
+        let value = text(&value, &format!("{what}.{}", &*name))?;
+        let value = std::str::from_utf8(value.as_deref().unwrap_or_default())
+            .map_err(|_| format!("{what}.{}: must be UTF-8", &*name))?
+            .to_string();
         out.push((name.to_string(), value));
     }
     out.sort();
     Ok(out)
 }
 
-/// Reads headers back from Lua: a name whose text is unchanged keeps all its original
-/// values; names left out are removed.
-fn read_headers(value: &Value, original: &HeaderMap, what: &str) -> Result<HeaderMap, String> {
-    let Some(table) = optional_table(value, what)? else {
-        return Ok(HeaderMap::new());
-    };
+/// Reads headers back from Lua. A name whose text is unchanged keeps all its original
+/// values (several `Cookie` lines stay several); names left out are removed. What the
+/// phase *sets* is counted against the output caps before it is copied (lines kept as they
+/// were are not: they were bounded when they were parsed), and when a name is given twice
+/// in different cases, a changed value wins over an unchanged one and the first changed
+/// one wins over the rest. [`FRAMING_HEADERS`] stay exactly as they were: the returned
+/// set names those the phase tried to change or add.
+fn read_headers(
+    value: &Value,
+    original: &HeaderMap,
+    what: &'static str,
+    limits: &Limits,
+) -> Result<(HeaderMap, Dropped), OutputError> {
     let mut out = HeaderMap::new();
-    for pair in table.pairs::<LuaString, Value>() {
-        let (name, value) = pair.map_err(|e| format!("{what}: {e}"))?;
-        let name = HeaderName::from_bytes(&name.as_bytes().to_ascii_lowercase())
-            .map_err(|_| format!("{what}: invalid header name '{}'", name.to_string_lossy()))?;
-        let Some(value) = text(&value, &format!("{what}.{name}"))? else {
-            continue;
-        };
-        if original.contains_key(&name) && joined(original, &name) == value {
-            for original_value in original.get_all(&name) {
-                out.append(name.clone(), original_value.clone());
-            }
-        } else {
-            let value = HeaderValue::from_bytes(&value)
-                .map_err(|_| format!("{what}.{name}: invalid header value"))?;
-            out.insert(name, value);
+    let mut dropped = Dropped::default();
+    if let Some(table) = optional_table(value, what)? {
+        read_header_table(table, original, limits, &mut out, &mut dropped)
+            .map_err(|error| error.within(what))?;
+    }
+    // Framing headers are the node's: exactly the original ones, whatever the phase did.
+    for name in FRAMING_HEADERS {
+        out.remove(name);
+        for original_value in original.get_all(name) {
+            out.append(HeaderName::from_static(name), original_value.clone());
         }
     }
-    Ok(out)
+    Ok((out, dropped))
 }
 
-fn apply_request(table: &Table, request: &mut PluginRequest) -> Result<(), String> {
+/// [`read_headers`]'s walk of the table.
+fn read_header_table(
+    table: &Table,
+    original: &HeaderMap,
+    limits: &Limits,
+    out: &mut HeaderMap,
+    dropped: &mut Dropped,
+) -> Result<(), OutputError> {
+    let mut budget = HeaderBudget::new(limits);
+    let mut changed: Vec<HeaderName> = Vec::new();
+    for pair in table.pairs::<LuaString, Value>() {
+        let (name, value) = pair.map_err(|e| e.to_string())?;
+        let name = header_name(&name.as_bytes(), &budget)?;
+        let Some(value) = text(&value, name.as_str())? else {
+            continue;
+        };
+        let unchanged = original.contains_key(&name) && joined(original, &name) == *value;
+        if unchanged {
+            if !out.contains_key(&name) {
+                for original_value in original.get_all(&name) {
+                    out.append(name.clone(), original_value.clone());
+                }
+            } else {
+                budget.entry()?;
+            }
+            continue;
+        }
+        budget.entry()?;
+        if let Some(index) = framing_header(name.as_str().as_bytes()) {
+            dropped.insert(index);
+            continue;
+        }
+        if changed.contains(&name) {
+            continue;
+        }
+        budget.line(name.as_str().as_bytes(), value.len())?;
+        let value = HeaderValue::from_bytes(&value).map_err(|_| {
+            OutputError::Invalid(format!(
+                "invalid value for header '{name}': CR, LF, NUL and other control characters \
+                 are not allowed"
+            ))
+        })?;
+        out.insert(name.clone(), value);
+        changed.push(name);
+    }
+    Ok(())
+}
+
+/// Most bytes of a path and query a plugin may set (a request line the node would accept
+/// from an upstream's head; see [`Limits::response_head_bytes`]).
+fn path_cap(limits: &Limits) -> usize {
+    limits.response_head_bytes
+}
+
+fn apply_request(
+    table: &Table,
+    request: &mut PluginRequest,
+    limits: &Limits,
+) -> Result<Dropped, OutputError> {
     let method = text(&field(table, "method")?, "req.method")?.ok_or("req.method is nil")?;
-    if method != request.method.as_str().as_bytes() {
+    if *method != *request.method.as_str().as_bytes() {
+        if method.len() > 64 {
+            return Err("req.method is longer than 64 bytes".into());
+        }
         request.method = Method::from_bytes(&method).map_err(|_| "req.method is not a method")?;
     }
     let path = text(&field(table, "path")?, "req.path")?.ok_or("req.path is nil")?;
-    let path = String::from_utf8(path).map_err(|_| "req.path must be UTF-8")?;
+    if path.len() > path_cap(limits).max(request.path.len()) {
+        return Err(format!("req.path is longer than {} bytes", path_cap(limits)).into());
+    }
+    let path = std::str::from_utf8(&path)
+        .map_err(|_| "req.path must be UTF-8")?
+        .to_string();
     if !path.starts_with('/') {
-        return Err(format!("req.path must start with '/', got '{path}'"));
+        return Err(format!("req.path must start with '/', got '{path}'").into());
     }
     let query = string_map(&field(table, "query")?, "req.query")?;
     let mut original: Vec<(String, String)> = request
@@ -512,42 +622,82 @@ fn apply_request(table: &Table, request: &mut PluginRequest) -> Result<(), Strin
         Some(query) => format!("{path}?{query}"),
         None => path.clone(),
     };
+    let original_len = request.path.len() + request.query.as_deref().map_or(0, str::len);
+    if candidate.len() > path_cap(limits).max(original_len + 1) {
+        return Err(format!(
+            "req.path and req.query are longer than {} bytes",
+            path_cap(limits)
+        )
+        .into());
+    }
     http::uri::PathAndQuery::try_from(candidate.as_str())
         .map_err(|_| format!("req.path '{path}' is not a valid URI path"))?;
     request.path = path;
     request.query = query;
-    request.headers = read_headers(&field(table, "headers")?, &request.headers, "req.headers")?;
+    let (headers, dropped) = read_headers(
+        &field(table, "headers")?,
+        &request.headers,
+        "req.headers",
+        limits,
+    )?;
+    request.headers = headers;
     request.body = match text(&field(table, "body")?, "req.body")? {
-        Some(body) => Bytes::from(body),
+        // The body may stay as large as it came; a new one is capped like a response's.
+        Some(body) if body.len() > limits.response_body_bytes.max(request.body.len()) => {
+            return Err(OutputError::BodyTooLarge {
+                limit: limits.response_body_bytes,
+            }
+            .within("req.body"));
+        }
+        Some(body) if *body == *request.body => request.body.clone(),
+        Some(body) => Bytes::copy_from_slice(&body),
         None => Bytes::new(),
     };
     request.params = string_map(&field(table, "params")?, "req.params")?;
-    Ok(())
+    Ok(dropped)
 }
 
-fn apply_response(table: &Table, response: &mut PluginResponse) -> Result<(), String> {
+/// Applies a filter's changes. The status may stay what it was (a `101` of a WebSocket
+/// route included) or become another in 200-599; framing headers stay the node's.
+fn apply_response(
+    table: &Table,
+    response: &mut PluginResponse,
+    limits: &Limits,
+) -> Result<Dropped, OutputError> {
     let status = match field(table, "status")? {
         Value::Integer(code) => code as f64,
         Value::Number(code) => code,
         other => {
-            return Err(format!(
+            return Err(OutputError::Invalid(format!(
                 "res.status must be a number, got {}",
                 json::lua_type_name(&other)
-            ));
+            )));
         }
     };
-    if status.fract() != 0.0 || !(100.0..=599.0).contains(&status) {
-        return Err(format!(
-            "res.status {status} is not an HTTP status (100-599)"
-        ));
+    if status != f64::from(response.status.as_u16()) {
+        response.status = contract::tenant_status(status, "res.status")?;
     }
-    response.status = StatusCode::from_u16(status as u16).map_err(|e| e.to_string())?;
-    response.headers = read_headers(&field(table, "headers")?, &response.headers, "res.headers")?;
-    if response.body.is_some() {
-        let body = text(&field(table, "body")?, "res.body")?.unwrap_or_default();
-        response.body = Some(Bytes::from(body));
+    let (headers, dropped) = read_headers(
+        &field(table, "headers")?,
+        &response.headers,
+        "res.headers",
+        limits,
+    )?;
+    response.headers = headers;
+    if let Some(original) = &response.body {
+        let body = text(&field(table, "body")?, "res.body")?;
+        let body = body.as_deref().unwrap_or_default();
+        if body.len() > limits.response_body_bytes.max(original.len()) {
+            return Err(OutputError::BodyTooLarge {
+                limit: limits.response_body_bytes,
+            }
+            .within("res.body"));
+        }
+        if *body != **original {
+            response.body = Some(Bytes::copy_from_slice(body));
+        }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -729,7 +879,9 @@ mod tests {
             .request_phase(Phase::Access, &ctx, &mut req, "q")
             .await
             .unwrap_err();
-        assert!(matches!(error, CallError::BadResult(ref m) if m.contains("got number")));
+        assert!(
+            matches!(error, CallError::BadResult(ref m) if m.to_string().contains("got number"))
+        );
     }
 
     #[tokio::test]
@@ -812,5 +964,180 @@ mod tests {
             .unwrap_err();
         assert_eq!(error, CallError::Timeout);
         assert!(instance.is_broken());
+    }
+
+    fn ctx(instance: &Instance) -> PluginCtx {
+        instance
+            .plugin_ctx(&CtxInfo {
+                plugin_name: "p",
+                route: "r",
+                request_id: "q",
+                conf: None,
+            })
+            .unwrap()
+    }
+
+    fn upstream_response(status: StatusCode) -> PluginResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-length", HeaderValue::from_static("12"));
+        headers.insert("x-upstream", HeaderValue::from_static("1"));
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            headers.insert("upgrade", HeaderValue::from_static("websocket"));
+            headers.insert("connection", HeaderValue::from_static("upgrade"));
+        }
+        PluginResponse {
+            status,
+            headers,
+            body: None,
+        }
+    }
+
+    /// A header_filter that set `content-length: 0` on a proxied body made the node send
+    /// the body as a second response; `res.status = 101` switched protocols.
+    #[tokio::test]
+    async fn filters_cannot_change_framing_or_set_a_1xx_status() {
+        let instance = plugin(
+            "return { header_filter = function(res)
+                if res.headers['x-status'] then res.status = tonumber(res.headers['x-status']) return end
+                res.headers['content-length'] = '0'
+                res.headers['Transfer-Encoding'] = 'chunked'
+                res.headers['connection'] = 'close'
+                res.headers['x-added'] = 'yes'
+              end }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        let mut res = upstream_response(StatusCode::OK);
+        instance
+            .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap();
+        assert_eq!(res.headers["content-length"], "12", "the node's framing");
+        assert!(res.headers.get("transfer-encoding").is_none());
+        assert!(res.headers.get("connection").is_none());
+        assert_eq!(res.headers["x-added"], "yes");
+        assert_eq!(res.headers["x-upstream"], "1");
+        for status in ["101", "100", "199", "600", "0"] {
+            let mut res = upstream_response(StatusCode::OK);
+            res.headers
+                .insert("x-status", HeaderValue::from_str(status).unwrap());
+            let error = instance
+                .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), "result", "{status}");
+            assert!(
+                error.to_string().contains("header_filter: res.status"),
+                "{error}"
+            );
+        }
+        // The status a response already has stays allowed (a WebSocket route's 101), and
+        // so do its upgrade headers.
+        let mut res = upstream_response(StatusCode::SWITCHING_PROTOCOLS);
+        res.headers
+            .insert("x-status", HeaderValue::from_static("101"));
+        instance
+            .filter_phase(Phase::HeaderFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap();
+        assert_eq!(res.status, 101);
+        assert_eq!(res.headers["upgrade"], "websocket");
+        assert_eq!(res.headers["connection"], "upgrade");
+    }
+
+    #[tokio::test]
+    async fn what_a_phase_sets_is_capped_before_it_is_copied() {
+        let instance = plugin(
+            "return {
+               access = function(req)
+                 if req.headers['x-flood'] then
+                   for i = 1, 100000 do req.headers['x-h' .. i] = 'v' end
+                 elseif req.headers['x-long'] then
+                   req.headers['x-long'] = string.rep('v', 9000)
+                 elseif req.headers['x-crlf'] then
+                   req.headers['x-crlf'] = 'a\\r\\nx-injected: 1'
+                 elseif req.headers['x-body'] then
+                   req.body = string.rep('b', 7 * 1024 * 1024)
+                 elseif req.headers['x-path'] then
+                   req.path = '/' .. string.rep('p', 70000)
+                 elseif req.headers['x-respond'] then
+                   local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end
+                   return { statusCode = 200, headers = h }
+                 end
+               end,
+               body_filter = function(res) res.body = string.rep('b', 7 * 1024 * 1024) end,
+             }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        for (header, kind) in [
+            ("x-flood", "output_header_count"),
+            ("x-long", "output_header_line"),
+            ("x-crlf", "result"),
+            ("x-body", "output_body"),
+            ("x-path", "result"),
+            ("x-respond", "output_header_count"),
+        ] {
+            let mut req = request();
+            req.headers.insert(header, HeaderValue::from_static("1"));
+            let error = instance
+                .request_phase(Phase::Access, &ctx, &mut req, "q")
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), kind, "{header}: {error}");
+            assert!(error.to_string().contains("access: "), "{error}");
+        }
+        // Headers the request came with do not count: only what the phase sets.
+        let mut req = request();
+        for i in 0..150 {
+            req.headers.insert(
+                HeaderName::try_from(format!("x-c{i}")).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(
+            instance
+                .request_phase(Phase::Access, &ctx, &mut req, "q")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(req.headers.len(), 153);
+        let mut res = PluginResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Some(Bytes::from_static(b"abc")),
+        };
+        let error = instance
+            .filter_phase(Phase::BodyFilter, &ctx, &mut res, "q")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), "output_body");
+    }
+
+    /// A name given twice in different cases: a change wins over the unchanged original.
+    #[tokio::test]
+    async fn a_changed_header_wins_over_its_unchanged_case_variant() {
+        let instance = plugin(
+            "return { rewrite = function(req)
+                req.headers['COOKIE'] = 'c=3'
+                req.headers['Cookie'] = req.headers.cookie
+              end }",
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let ctx = ctx(&instance);
+        let mut req = request();
+        instance
+            .request_phase(Phase::Rewrite, &ctx, &mut req, "q")
+            .await
+            .unwrap();
+        let cookies: Vec<_> = req.headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["c=3"]);
     }
 }

@@ -28,7 +28,7 @@ use crate::engine::{Engine, FunctionEgress};
 use crate::instance::{LogLevel, LogSink};
 use crate::limits::Limits;
 use crate::modules;
-use crate::modules::log::EmitLog;
+use crate::modules::log::{EmitLog, LogEmitter};
 use crate::preempt::{self, Preemption, Running};
 use crate::watchdog::InterruptSwitch;
 
@@ -325,19 +325,10 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     let line_cap = spec.limits.log_line_bytes;
     let sink = spec.log.clone();
     let log_state = state.clone();
-    let emit_log: EmitLog = Rc::new(move |level, message: &str| {
+    let emit_log: EmitLog = Rc::new(LogEmitter::new(line_cap, move |level, line: &str| {
         let request_id = log_state.request_id.borrow().clone();
-        if message.len() > line_cap {
-            let mut cut = line_cap;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let line = format!("{}… [{} bytes cut]", &message[..cut], message.len() - cut);
-            sink.log(level, &request_id, &line);
-        } else {
-            sink.log(level, &request_id, message);
-        }
-    });
+        sink.log(level, &request_id, line);
+    }));
 
     globals.raw_set(
         "print",
@@ -404,14 +395,14 @@ fn require_function(
         .egress
         .outbound(spec.engine)
         .map_err(mlua::Error::runtime)?;
-    let http_body_cap = spec.limits.http_body_bytes;
+    let limits = spec.limits;
     // A refused outbound call: a warn line in the function's log, and the node's count.
     let on_denied: modules::http::OnDenied = {
         let engine = spec.engine.clone();
         let name = spec.function_name.clone();
         let emit_log = emit_log.clone();
         Rc::new(move |denied| {
-            emit_log(LogLevel::Warn, &denied.to_string());
+            emit_log.emit(LogLevel::Warn, &denied.to_string());
             engine.egress_denied(&name, denied.reason);
         })
     };
@@ -441,9 +432,7 @@ fn require_function(
                 "time" => modules::time::module(lua)?,
                 "shared" => modules::shared::module(lua, engine_shared.clone())?,
                 "log" => modules::log::module(lua, emit_log.clone())?,
-                "http" => {
-                    modules::http::module(lua, outbound.clone(), http_body_cap, on_denied.clone())?
-                }
+                "http" => modules::http::module(lua, outbound.clone(), limits, on_denied.clone())?,
                 _ => {
                     return Err(mlua::Error::runtime(format!(
                         "module '{name}' not found: not a built-in module (json, http, shared, \

@@ -7,7 +7,10 @@
 //! the function, a body read bounded in size, an instance from the thread's pool, the
 //! call, the response. Failures become JSON errors carrying the request id; the details go
 //! to the function's log, never to the client. A gateway route with plugins goes through
-//! `gateway::plugins` around its target (request phases, filters, logs).
+//! `gateway::plugins` around its target (request phases, filters, logs). A function's or
+//! a plugin's response reaches hyper without framing headers (`moontide_runtime::contract`
+//! drops them, a filter cannot change them): hyper frames every answer from its body, so
+//! tenant code cannot split, forge or swallow responses on a keep-alive connection.
 //!
 //! Calls of *long-running* functions — one of their calls used more than [`LONG_CALL`] of
 //! CPU past its first timeslice, or hit the blocking cap — are not run on the connection's thread but handed to the long-call
@@ -169,12 +172,7 @@ impl Worker {
         max_body_bytes: usize,
         role: Role,
     ) -> Worker {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExecutor);
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(30));
-        builder.http2().timer(TokioTimer::new());
+        let builder = connection_builder();
         Worker {
             pools: Rc::new(LocalPools::new(registry.budget.clone())),
             upstreams: LocalUpstreams::default(),
@@ -296,9 +294,7 @@ impl Worker {
         // The header is made first so that the id itself can move into the call.
         let id_header = HeaderValue::from_str(&request_id).ok();
         let mut response = self.serve(request, &peer_ip, request_id).await;
-        if let Some(value) = id_header {
-            response.headers_mut().insert(REQUEST_ID.clone(), value);
-        }
+        set_request_id(&mut response, id_header);
         response
     }
 
@@ -995,8 +991,35 @@ struct Target<'a> {
     proxy_at: usize,
 }
 
-/// A function's (or a plugin's) response as an HTTP response.
-fn function_response(output: HttpResponse) -> Response<Full<Bytes>> {
+/// How hyper serves the data plane's connections (HTTP/1.1 and HTTP/2); public so that the
+/// fuzz target (`fuzz/`) writes responses exactly as the data plane does.
+pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<LocalExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExecutor);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Every data-plane answer carries the request's id (the node's, never the function's).
+pub fn set_request_id<B>(response: &mut Response<B>, id: Option<HeaderValue>) {
+    if let Some(value) = id {
+        response.headers_mut().insert(REQUEST_ID.clone(), value);
+    }
+}
+
+/// A function's (or a plugin's) response as the HTTP response hyper writes. The result's
+/// framing headers were dropped when it was converted (`moontide_runtime::contract`), so
+/// hyper frames the body from its length alone. Public for the fuzz target.
+pub fn function_response(output: HttpResponse) -> Response<Full<Bytes>> {
+    debug_assert!(
+        output.headers.keys().all(|name| {
+            moontide_runtime::contract::framing_header(name.as_str().as_bytes()).is_none()
+        }),
+        "a tenant's response reached hyper with a framing header"
+    );
     let mut response = Response::new(Full::new(output.body));
     *response.status_mut() = output.status;
     *response.headers_mut() = output.headers;
@@ -1015,7 +1038,11 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 /// A failed call as the client sees it (the details are in the function log).
 pub fn call_failure(function: &DeployedFunction, error: &CallError, request_id: &str) -> ApiError {
     function.metrics.error(error.kind());
-    let details = serde_json::json!({"request_id": request_id, "function": &*function.name});
+    let details = serde_json::json!({
+        "request_id": request_id,
+        "function": &*function.name,
+        "kind": error.kind(),
+    });
     match error {
         CallError::Timeout => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,

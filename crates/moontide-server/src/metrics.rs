@@ -727,7 +727,7 @@ impl Metrics {
                 plugin: name.to_string(),
                 phase: phase.name(),
             });
-            for kind in ["timeout", "memory", "runtime", "result", "blocking"] {
+            for kind in moontide_runtime::CallError::KINDS {
                 self.plugin_phase_errors.remove(&PhaseErrorLabels {
                     plugin: name.to_string(),
                     phase: phase.name(),

@@ -12,13 +12,19 @@
 //! writes that line to the function's log (warn) and is reported to the engine's
 //! observer (the server counts it in `moontide_egress_denied_total`). Redirects are
 //! followed (at most 10), each hop checked again.
+//!
+//! Request headers are capped like a response's (`Limits::response_headers` lines,
+//! `response_header_bytes` per line, `response_head_bytes` in all), checked before each
+//! is copied out of Lua.
 
 use std::rc::Rc;
 use std::time::Duration;
 
 use mlua::{Lua, Table, Value};
 
+use crate::contract::HeaderBudget;
 use crate::egress::{self, Denied, Outbound};
+use crate::limits::Limits;
 
 /// Told of every call the egress policy refused (logs and counts it).
 pub type OnDenied = Rc<dyn Fn(&Denied)>;
@@ -43,6 +49,7 @@ fn parse_request(
     url: String,
     opts: Option<Table>,
     body: Option<Vec<u8>>,
+    limits: &Limits,
 ) -> Result<Request, String> {
     let url = reqwest::Url::parse(&url).map_err(|e| format!("invalid url '{url}': {e}"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
@@ -75,8 +82,16 @@ fn parse_request(
     match field("headers")? {
         Value::Nil => {}
         Value::Table(headers) => {
+            let mut budget = HeaderBudget::new(limits);
             for pair in headers.pairs::<mlua::LuaString, Value>() {
                 let (name, value) = pair.map_err(|e| format!("headers: {e}"))?;
+                let value_len = match &value {
+                    Value::String(s) => s.as_bytes().len(),
+                    _ => 32,
+                };
+                budget
+                    .line(&name.as_bytes(), value_len)
+                    .map_err(|e| format!("headers: {e}"))?;
                 let value = match value {
                     Value::String(s) => s.as_bytes().to_vec(),
                     Value::Number(n) => n.to_string().into_bytes(),
@@ -221,10 +236,11 @@ fn response_table(lua: &Lua, (status, headers, body): ResponseParts) -> mlua::Re
 pub fn module(
     lua: &Lua,
     outbound: Outbound,
-    body_cap: usize,
+    limits: Limits,
     on_denied: OnDenied,
 ) -> mlua::Result<Table> {
     let table = lua.create_table_with_capacity(0, 3)?;
+    let body_cap = limits.http_body_bytes;
 
     let run = move |lua: Lua, parsed: Result<Request, String>| {
         let outbound = outbound.clone();
@@ -258,7 +274,7 @@ pub fn module(
                 .raw_get::<Option<String>>("url")
                 .map_err(|e| e.to_string())
                 .and_then(|url| url.ok_or_else(|| "url is required".to_string()))
-                .and_then(|url| parse_request(url, Some(opts), None));
+                .and_then(|url| parse_request(url, Some(opts), None, &limits));
             request_run(lua, parsed)
         })?,
     )?;
@@ -266,7 +282,7 @@ pub fn module(
     table.raw_set(
         "get",
         lua.create_async_function(move |lua, (url, opts): (String, Option<Table>)| {
-            let parsed = parse_request(url, opts, None);
+            let parsed = parse_request(url, opts, None, &limits);
             get_run(lua, parsed)
         })?,
     )?;
@@ -274,16 +290,55 @@ pub fn module(
         "post",
         lua.create_async_function(
             move |lua, (url, body, opts): (String, mlua::LuaString, Option<Table>)| {
-                let parsed =
-                    parse_request(url, opts, Some(body.as_bytes().to_vec())).map(|mut r| {
+                let parsed = parse_request(url, opts, Some(body.as_bytes().to_vec()), &limits).map(
+                    |mut r| {
                         if r.method == reqwest::Method::GET {
                             r.method = reqwest::Method::POST;
                         }
                         r
-                    });
+                    },
+                );
                 run(lua, parsed)
             },
         )?,
     )?;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 100 000 outbound headers used to reach reqwest's `HeaderMap` (which panics past
+    /// 32 768 entries) after being copied out of Lua.
+    #[test]
+    fn outbound_headers_are_capped_before_they_are_copied() {
+        let lua = Lua::new();
+        let limits = Limits::default();
+        for (source, expected) in [
+            (
+                "local h = {} for i = 1, 100000 do h['x-h' .. i] = 'v' end return { headers = h }",
+                "headers: more than 100 header lines",
+            ),
+            (
+                "return { headers = { ['x-long'] = string.rep('v', 9000) } }",
+                "headers: header 'x-long' is 9006 bytes",
+            ),
+        ] {
+            let opts: Table = lua.load(source).eval().unwrap();
+            let error = parse_request("http://127.0.0.1/".into(), Some(opts), None, &limits)
+                .err()
+                .expect("refused");
+            assert!(error.starts_with(expected), "{error}");
+        }
+        let opts: Table = lua
+            .load("return { headers = { ['x-a'] = '1', ['x-b'] = 2 } }")
+            .eval()
+            .unwrap();
+        let Ok(request) = parse_request("http://127.0.0.1/".into(), Some(opts), None, &limits)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(request.headers.len(), 2);
+    }
 }

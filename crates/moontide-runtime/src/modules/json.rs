@@ -208,9 +208,20 @@ pub(crate) fn lua_type_name(value: &Value) -> &'static str {
 ///
 /// On error `out` may contain a partial document.
 pub fn encode_value(value: &Value, out: &mut Vec<u8>) -> Result<(), JsonError> {
+    encode_value_within(value, out, MAX_ENCODED_LEN)
+}
+
+/// [`encode_value`] with a smaller cap: fails with [`JsonError::TooLarge`] as soon as more
+/// than `max_len` bytes (at most [`MAX_ENCODED_LEN`]) would be appended, before they are
+/// (a response body, a direct result: the caller's output cap, not 64 MiB).
+pub fn encode_value_within(
+    value: &Value,
+    out: &mut Vec<u8>,
+    max_len: usize,
+) -> Result<(), JsonError> {
     let (mut entries, mut keys, mut tmp) = (Vec::new(), Vec::new(), Vec::new());
     let mut enc = Encoder {
-        limit: out.len().saturating_add(MAX_ENCODED_LEN),
+        limit: out.len().saturating_add(max_len.min(MAX_ENCODED_LEN)),
         out,
         entries: &mut entries,
         keys: &mut keys,
@@ -311,7 +322,7 @@ impl Encoder<'_> {
                 }
             }
             Value::Number(n) => write_number(self.out, *n)?,
-            Value::String(s) => write_string(self.out, &s.as_bytes())?,
+            Value::String(s) => write_string(self.out, &s.as_bytes(), self.limit)?,
             Value::Table(t) => self.table(t, depth + 1)?,
             other => return Err(JsonError::Unsupported(lua_type_name(other))),
         }
@@ -418,7 +429,7 @@ impl Encoder<'_> {
                 self.out.push(b',');
             }
             let start = self.out.len();
-            if let Err(e) = write_string(self.out, &kb) {
+            if let Err(e) = write_string(self.out, &kb, self.limit) {
                 return Err(self.fail(e));
             }
             self.out.push(b':');
@@ -508,10 +519,15 @@ const ESCAPE: [u8; 256] = {
     t
 };
 
-/// Writes `bytes` as a JSON string literal; they must be valid UTF-8.
-fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), JsonError> {
+/// Writes `bytes` as a JSON string literal; they must be valid UTF-8. Fails with
+/// [`JsonError::TooLarge`] before `out` grows past `limit` (escaping can make a string up to
+/// six times longer, so the check is made before copying and again at every escape).
+fn write_string(out: &mut Vec<u8>, bytes: &[u8], limit: usize) -> Result<(), JsonError> {
     if std::str::from_utf8(bytes).is_err() {
         return Err(JsonError::InvalidUtf8);
+    }
+    if out.len().saturating_add(bytes.len()).saturating_add(2) > limit {
+        return Err(JsonError::TooLarge);
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.reserve(bytes.len() + 2);
@@ -535,6 +551,9 @@ fn write_string(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), JsonError> {
             ]);
         } else {
             out.extend_from_slice(&[b'\\', esc]);
+        }
+        if out.len() + (bytes.len() - run) + 1 > limit {
+            return Err(JsonError::TooLarge);
         }
     }
     out.extend_from_slice(&bytes[run..]);
@@ -1250,6 +1269,27 @@ mod tests {
             got,
             r#"{"action":"checkout","id":123456,"items":[{"price":19.99,"qty":2,"sku":"A-100"},{"price":5.5,"qty":1,"sku":"B-200"}],"meta":{"ip":"127.0.0.1","ua":"wrk"},"ok":true,"tags":["fast","lua","bench"],"total":45.48,"user":"alice@example.com"}"#
         );
+    }
+
+    /// Escaping can make a string six times longer than itself: the cap is checked before
+    /// the string is copied and at every escape, not after the whole string is written.
+    #[test]
+    fn a_smaller_cap_stops_the_encoder_as_it_grows() {
+        let lua = Lua::new();
+        let control = lua.create_string(vec![1u8; 10_000]).unwrap();
+        let mut out = Vec::new();
+        let result = encode_value_within(&Value::String(control), &mut out, 1000);
+        assert!(matches!(result, Err(JsonError::TooLarge)));
+        assert!(out.len() <= 1006, "{} bytes written", out.len());
+        let plain = lua.create_string(vec![b'x'; 10_000]).unwrap();
+        let mut out = Vec::new();
+        let result = encode_value_within(&Value::String(plain), &mut out, 1000);
+        assert!(matches!(result, Err(JsonError::TooLarge)));
+        assert!(out.is_empty(), "refused before it was copied");
+        let mut out = Vec::new();
+        let fits = lua.create_string("a\u{1}b").unwrap();
+        encode_value_within(&Value::String(fits), &mut out, 10).unwrap();
+        assert_eq!(out, br#""a\u0001b""#);
     }
 
     #[test]

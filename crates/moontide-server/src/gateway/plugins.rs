@@ -179,6 +179,7 @@ fn failure(plugin: &DeployedPlugin, phase: Phase, error: &CallError, request_id:
         "request_id": request_id,
         "plugin": &*plugin.name,
         "phase": phase.name(),
+        "kind": error.kind(),
     });
     match error {
         CallError::Timeout => ApiError::new(
