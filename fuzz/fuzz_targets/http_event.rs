@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use moontide_runtime::{
     Engine, EngineConfig, FunctionSource, HttpRequest, Instance, InstanceSpec, Limits, LogLevel,
-    LogSink, compile,
+    LogSink, UnitKind, compile,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -56,6 +56,7 @@ thread_local! {
             limits: Limits::default(),
             env: Arc::new(BTreeMap::new()),
             log: Arc::new(Discard),
+            kind: UnitKind::Function,
         };
         let instance = runtime.block_on(Instance::new(&engine, &compiled, &spec)).unwrap();
         Harness { runtime, instance: std::cell::RefCell::new(instance) }
