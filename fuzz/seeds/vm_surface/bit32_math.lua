@@ -1,0 +1,32 @@
+--lua bit32.* with extreme shifts and fields; math.* with odd values
+v0 = {bit32.arshift(-1, 2^31), bit32.arshift(2^31, -33), bit32.arshift(1, 0/0)}
+v0 = {bit32.lshift(1, 31), bit32.lshift(1, 32), bit32.lshift(1, -2^31), bit32.rshift(-1, 2^53)}
+v0 = {bit32.lrotate(0x80000001, -2^31), bit32.rrotate(1, 2^31 - 1), bit32.lrotate(1, math.huge)}
+v0 = bit32.extract(0xffffffff, 31, 1)
+v0 = bit32.extract(0xffffffff, 32, 1)
+v0 = bit32.extract(0xffffffff, 0, 33)
+v0 = bit32.extract(0xffffffff, -1, 2)
+v0 = bit32.extract(1, 2^31, -2^31)
+v0 = bit32.replace(0, 1, 31, 1)
+v0 = bit32.replace(0, 1, 2147483647, 2147483647)
+v0 = bit32.replace(0, 1, 0, 0)
+v0 = {bit32.band(0/0, math.huge, -math.huge), bit32.bor(2^53, -2^53), bit32.bxor(), bit32.bnot(2^64)}
+v0 = {bit32.countlz(0), bit32.countrz(0), bit32.countlz(-1), bit32.byteswap(0x12345678), bit32.btest(2^32, 1)}
+v1 = {math.fmod(1, 0), math.fmod(-2^31, -1), math.fmod(math.huge, 1), math.fmod(5, math.huge)}
+v1 = {math.modf(-0.0), math.modf(math.huge), math.modf(0/0), math.frexp(1e-310), math.frexp(math.huge)}
+v1 = {math.ldexp(1, 2^31), math.ldexp(1, -2^31), math.ldexp(1, 0/0), math.ldexp(2^-1074, 2098)}
+v1 = {math.log(0), math.log(-1), math.log(8, 2), math.log(8, 0), math.log(8, 1), math.log(8, -2)}
+v1 = math.random(-2^31, 2^31 - 1)
+v1 = math.random(2^31, 2^53)
+v1 = math.random(0)
+v1 = math.random(3, 1)
+v1 = math.random(-2^53, 2^53)
+math.randomseed(0/0)
+v1 = {math.clamp(0/0, 1, 2), math.clamp(1, 2, 1), math.clamp(1, -math.huge, math.huge)}
+v1 = {math.noise(0/0, math.huge, -math.huge), math.noise(2^31, 2^53, -2^63), math.noise(1e308, -1e308, 0.5)}
+v1 = {math.round(-0.5), math.round(2^53 + 1), math.round(0/0), math.sign(-0.0), math.sign(0/0)}
+v1 = {math.floor(2^63), math.ceil(-2^63), math.floor(0/0), math.abs(-2^31), math.max(0/0, 1), math.min(1, 0/0)}
+v1 = {math.lerp(1, 2, math.huge), math.map(1, 0, 0, 0, 1), math.map(0/0, 1, 2, 3, 4)}
+v1 = {math.isnan(0/0), math.isinf(-math.huge), math.isfinite(1e308 * 10)}
+v1 = {-2^31 // -1, -2^31 % -1, 2^53 % 0, 5 // 0, -5 // 0, 0/0 // 1, 1 % math.huge, -1 % math.huge}
+v1 = {tonumber('0x', 16), tonumber('zz', 36), tonumber('10', 1), tonumber('10', 37), tonumber(' 0x1F '), tonumber('1e400'), tonumber('z', 2^31)}

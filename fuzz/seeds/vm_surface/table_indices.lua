@@ -1,0 +1,35 @@
+--lua table.* at extreme indices (one statement per line, each in its own pcall)
+v0 = {1, 2, 3}; v0[-2147483648] = 1; v0[2147483647] = 2; v0[2^53] = 3; v0[-0.0] = 4
+table.move({1, 2, 3}, 1, 2147483647, 1, v0)
+table.move(v0, -2147483648, -2147483646, 2147483645)
+table.move({}, 1, 2^31, 2)
+table.move(v0, 2^53, 2^53 + 2, 1, {})
+table.insert(v0, 2147483647, 'x')
+table.insert(v0, -2147483648, 'x')
+table.insert(v0, 0/0, 'x')
+table.insert(v0, #v0 + 2, 'x')
+table.remove(v0, -2147483648)
+table.remove(v0, 2^31)
+table.remove({}, 0)
+v1 = table.concat({1, 2, 3}, ',', -2147483648, -2147483646)
+v1 = table.concat({1, 'a', 2.5}, v1, 2147483646, 2147483647)
+v2 = {table.unpack({1, 2, 3}, -2, 2)}
+v2 = {table.unpack({}, 1, 2^31 - 1)}
+v2 = {table.unpack({}, -2^31, 2^31 - 1)}
+v2 = {unpack({1, 2}, 2147483647, 2147483647)}
+v3 = table.create(2^31 - 1, 0)
+v3 = table.create(-1)
+v3 = table.create(1e6, v3)
+v3 = table.find({1, 2, 3}, 3, 2147483647)
+v3 = table.find({1, 2, 3}, 1, -2147483648)
+v3 = table.find(v0, nil, 0)
+table.clear(table.freeze({1}))
+v4 = table.clone(setmetatable({1, 2}, {__index = function() return 1 end}))
+v4 = table.clone(table.freeze({1, 2, x = {}}))
+table.freeze(table.freeze({}))
+table.insert(table.freeze({}), 1)
+v5 = table.pack(nil, nil, nil); v5.n = 2^31; v5 = {table.unpack(v5)}
+v5 = table.maxn({[2^53] = 1, [0/0 == 0/0 and 1 or 2] = 1, [-math.huge] = 1, [math.huge] = 1})
+table.foreach({1, 2, x = 3}, function(k, v) table.clear(v0) end)
+table.foreachi(v0, function(i, v) v0[i + 1] = v end)
+v6 = table.getn(setmetatable({}, {__len = function() return 2^31 end}))

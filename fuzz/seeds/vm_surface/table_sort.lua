@@ -1,0 +1,17 @@
+--lua table.sort with odd comparators and contents
+v0 = {}; for i = 1, 200 do v0[i] = (i * 7919) % 101 end
+table.sort(v0, function(a, b) return true end)
+table.sort(v0, function(a, b) return a <= b end)
+table.sort(v0, function(a, b) return math.random() < 0.5 end)
+table.sort(v0, function(a, b) table.clear(v0) return a < b end)
+table.sort(v0, function(a, b) v0[#v0 + 1] = a return a < b end)
+table.sort(v0, function(a, b) v0[1] = nil return a < b end)
+table.sort(v0, function(a, b) error({a, b}) end)
+table.sort(v0, function(a, b) coroutine.yield() return a < b end)
+table.sort(v0, function(a, b) table.sort(v0) return a > b end)
+table.sort({1, 'a', {}, true})
+table.sort({0/0, 1, 0/0, 2, 0/0})
+table.sort(table.freeze({3, 2, 1}))
+table.sort(setmetatable({3, 2, 1}, {__index = function(t, k) return k end, __len = function() return 100 end}))
+v1 = setmetatable({}, {__lt = function(a, b) return rawequal(a, b) end}); table.sort({v1, v1, v1, setmetatable({}, getmetatable(v1))})
+table.sort(v0, setmetatable({}, {__call = function(self, a, b) return a < b end}))

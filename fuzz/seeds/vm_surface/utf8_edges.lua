@@ -1,0 +1,22 @@
+--lua utf8.* with extreme code points and offsets
+v0 = utf8.char(0, 0x7F, 0x80, 0x7FF, 0x800, 0xFFFF, 0x10000, 0x10FFFF)
+v0 = utf8.char(0x110000)
+v0 = utf8.char(-1)
+v0 = utf8.char(2^31)
+v0 = utf8.char(0xD800, 0xDFFF)
+v1 = utf8.len('h\xC3\xA9llo \xE2\x82\xAC', -2^31, 2^31)
+v1 = {utf8.len('\xF4\x90\x80\x80\xC0\x80\xED\xA0\x80')}
+v1 = utf8.len('abc', 5)
+v1 = utf8.len('abc', 0)
+v2 = {utf8.codepoint('h\xC3\xA9llo', 1, -1)}
+v2 = {utf8.codepoint('\xFF', 1)}
+v2 = {utf8.codepoint('abc', 2147483647, -2147483648)}
+v3 = utf8.offset('h\xC3\xA9llo', 2^31)
+v3 = utf8.offset('h\xC3\xA9llo', -2^31, -1)
+v3 = utf8.offset('h\xC3\xA9llo', 0, 3)
+v3 = utf8.offset('\x80\x80', 1, 2)
+v3 = utf8.offset('abc', 1, 0/0)
+for p, c in utf8.codes('h\xC3\xA9\xF0\x9F\x98\x80') do v4 = (v4 or 0) + c end
+for p, c in utf8.codes('ab\xFFcd') do v4 = p end
+for p, c in utf8.codes(string.rep('\xE2\x82\xAC', 1000)) do v4 = c end
+v5 = string.find('h\xC3\xA9llo', utf8.charpattern, -1)
