@@ -898,6 +898,34 @@ mod tests {
         assert_eq!(error.kind(), "output_body");
     }
 
+    /// A result made of shared sub-tables describes far more JSON than the state holds
+    /// (65535³ strings in about 3 MB of Lua memory); encoding it stops at the result limit
+    /// instead of walking gigabytes of text after the call's deadline stopped applying.
+    /// Found by the `vm_surface` fuzz target (over 40 s in the encoder before the encoder
+    /// was capped).
+    #[tokio::test]
+    async fn a_result_of_shared_subtables_stops_at_the_result_limit() {
+        let limits = Limits {
+            response_body_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "return function()
+               return table.create(65535, table.create(65535, table.create(65535, '')))
+             end",
+            limits,
+        )
+        .await;
+        let error = instance
+            .invoke_json(&serde_json::json!({}), "r")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            CallError::BadResult(OutputError::BodyTooLarge { limit: 64 << 10 })
+        );
+    }
+
     #[tokio::test]
     async fn memory_cap_ends_the_call() {
         let limits = Limits {
