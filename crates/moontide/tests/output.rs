@@ -205,22 +205,6 @@ where
     panic!("no log line with {needle:?} in {:?}", lines().await);
 }
 
-async fn plugin_log(node: &Node, name: &str) -> Vec<String> {
-    let response = node
-        .admin_request(
-            reqwest::Method::GET,
-            &format!("/v1/plugins/{name}/logs?tail=1000"),
-        )
-        .send()
-        .await
-        .expect("logs");
-    let text = response.text().await.expect("logs body");
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .map(|record| record["message"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// A response body that is itself an HTTP response, with a cookie of its own.
 const FORGED: &str =
     "HTTP/1.1 200 OK\r\nSet-Cookie: session=stolen\r\nContent-Length: 6\r\n\r\nforged";
@@ -511,7 +495,7 @@ async fn a_plugin_cannot_forge_framing_or_statuses() {
     }
     conn.expect_quiet().await;
     let lines = wait_for_line(
-        || plugin_log(&node, "forge"),
+        || node.plugin_log_messages("forge"),
         "res.status 101 is not allowed",
     )
     .await;

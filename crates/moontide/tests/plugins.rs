@@ -94,28 +94,12 @@ async fn put(node: &Node, path: &str, body: Value) -> (u16, Value) {
         .await
 }
 
-async fn plugin_log(node: &Node, name: &str) -> Vec<String> {
-    let response = node
-        .admin_request(
-            reqwest::Method::GET,
-            &format!("/v1/plugins/{name}/logs?tail=1000"),
-        )
-        .send()
-        .await
-        .expect("logs");
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.expect("logs body");
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .map(|record| record["message"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// Waits (bounded) for a line containing `needle` in the plugin's log: the log phase runs
 /// after the response was handed back.
 async fn wait_for_log(node: &Node, name: &str, needle: &str) -> String {
     for _ in 0..200 {
-        if let Some(line) = plugin_log(node, name)
+        if let Some(line) = node
+            .plugin_log_messages(name)
             .await
             .into_iter()
             .find(|line| line.contains(needle))
@@ -126,7 +110,7 @@ async fn wait_for_log(node: &Node, name: &str, needle: &str) -> String {
     }
     panic!(
         "no log line with {needle:?} in {:?}",
-        plugin_log(node, name).await
+        node.plugin_log_messages(name).await
     );
 }
 

@@ -198,14 +198,24 @@ impl Node {
 
     /// The function's log lines (messages).
     pub async fn log_messages(&self, name: &str) -> Vec<String> {
+        self.log_lines(&format!("/v1/functions/{name}/logs?tail=1000"))
+            .await
+    }
+
+    /// The plugin's log lines (messages).
+    pub async fn plugin_log_messages(&self, name: &str) -> Vec<String> {
+        self.log_lines(&format!("/v1/plugins/{name}/logs?tail=1000"))
+            .await
+    }
+
+    /// The messages of an NDJSON log endpoint of the admin API (which must answer 200).
+    async fn log_lines(&self, path: &str) -> Vec<String> {
         let response = self
-            .admin_request(
-                reqwest::Method::GET,
-                &format!("/v1/functions/{name}/logs?tail=1000"),
-            )
+            .admin_request(reqwest::Method::GET, path)
             .send()
             .await
             .expect("logs");
+        assert_eq!(response.status(), 200, "GET {path}");
         let text = response.text().await.expect("logs body");
         text.lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
