@@ -280,8 +280,10 @@ impl Instance {
     ) -> Result<Vec<u8>, CallError> {
         let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e))?;
         let value = self.call(event, request_id).await?;
-        contract::direct_result_json(&value, self.limits.response_body_bytes)
-            .map_err(|e| self.bad_result(e))
+        self.converting_output(|| {
+            contract::direct_result_json(&value, self.limits.response_body_bytes)
+        })
+        .map_err(|e| self.bad_result(e))
     }
 
     /// HTTP trigger: the event is an API Gateway proxy event (v1); the result becomes the
@@ -290,7 +292,17 @@ impl Instance {
         let event =
             contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
         let value = self.call(Value::Table(event), request.request_id).await?;
-        self.converted(contract::http_response(value, &self.limits), "result")
+        let converted = self.converting_output(|| contract::http_response(value, &self.limits));
+        self.converted(converted, "result")
+    }
+
+    /// Runs host work on what this function's code returned (result conversion) with the
+    /// flight recorder naming this function version: a crash there is the tenant's doing
+    /// as much as one inside its Lua, and must count toward its quarantine. (Building the
+    /// event is not: its input is the client's.)
+    pub(crate) fn converting_output<R>(&self, work: impl FnOnce() -> R) -> R {
+        let _running = recorder::running(&self.function_name, self.version);
+        work()
     }
 
     /// A converted result: its error logged and returned as [`CallError::BadResult`]; the

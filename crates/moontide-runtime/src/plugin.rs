@@ -299,7 +299,8 @@ impl Instance {
                     .raw_get::<Value>("statusCode")
                     .is_ok_and(|v| !v.is_nil()) =>
             {
-                let converted = contract::http_response(value, &self.limits)
+                let converted = self
+                    .converting_output(|| contract::http_response(value, &self.limits))
                     .map_err(|error| error.within(phase.name()));
                 self.converted(converted, phase.name()).map(Some)
             }
