@@ -28,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use mlua::{Lua, Value};
 use moontide_runtime::contract::{self, FRAMING_HEADERS};
+use moontide_runtime::modules::json;
 use moontide_runtime::{HttpResponse, Limits};
 use moontide_server::dataplane::{connection_builder, function_response, set_request_id};
 use moontide_server::errors::ApiError;
@@ -423,7 +424,7 @@ async fn exchange(first: http::Response<http_body_util::Full<Bytes>>, head: bool
 fuzz_target!(|input: Input| {
     HARNESS.with(|harness| {
         let value = result(&harness.lua, &input).expect("the table is built");
-        let converted = contract::http_response(value, &harness.limits);
+        let converted = contract::http_response(value, &harness.limits, &json::no_limits);
         // Conversion-level properties.
         if let (Shape::Proxy, Some(Status::Integer(code))) = (&input.shape, &input.status)
             && !(200..=599).contains(code)

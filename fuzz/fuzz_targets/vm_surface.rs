@@ -7,7 +7,8 @@
 //!
 //! Every top-level statement runs inside `pcall`: Lua errors are fine. Properties:
 //! - the process does not crash (no signal, no sanitizer report, no panic);
-//! - building the instance ends with an instance or an init error, never a setup error;
+//! - building the instance ends with an instance or an init error, never a setup error
+//!   (nor, for generated programs, a missing handler);
 //! - each call ends with `Ok` or a `CallError`, and within a bounded amount of thread CPU
 //!   time (the call's timeout is 200 ms; the bound is generous, see `HANG_CPU`).
 //!
@@ -40,6 +41,9 @@ use moontide_runtime::{
 const TIMEOUT: Duration = Duration::from_millis(200);
 /// The instance's memory cap.
 const MEMORY: usize = 16 << 20;
+/// The result limit (production: 6 MiB). Encoding a result is host work bounded by this
+/// limit, not by the timeout, so it is kept small like the others.
+const RESULT: usize = 1 << 20;
 /// Thread CPU time one input may use (instance + calls) before it counts as a hang: far
 /// above the timeout (ASan makes the VM several times slower), far below libFuzzer's own
 /// `-timeout`, and CPU rather than wall time so that a loaded machine does not trip it.
@@ -124,6 +128,7 @@ fn run(program: &str, mode: Mode, generated: bool) {
         limits: Limits {
             timeout: TIMEOUT,
             memory_bytes: MEMORY,
+            response_body_bytes: RESULT,
             ..Limits::default()
         },
         env: Arc::new(BTreeMap::from([("KEY".to_string(), "value".to_string())])),
@@ -140,6 +145,8 @@ fn run(program: &str, mode: Mode, generated: bool) {
                     stats::record(&format!("init {}", error.kind()));
                     return;
                 }
+                // A `--program` input need not return a handler.
+                Err(InstanceError::NoHandler(_)) if !generated => return,
                 Err(other) => panic!("instance setup failed: {other}"),
             };
             if mode.chaos_slices {
@@ -1116,9 +1123,12 @@ impl Gen<'_, '_> {
     }
 
     fn number(&mut self) -> String {
-        match self.n(8) {
+        match self.n(10) {
             0..=4 => EDGE_NUMBERS[self.n(EDGE_NUMBERS.len())].into(),
-            5 => {
+            // Small ones, so that an extreme argument often meets ordinary others (a
+            // crash usually needs one odd value, not all of them).
+            5..=6 => ["0", "1", "1", "2", "3", "(-1)"][self.n(6)].into(),
+            7 => {
                 let v: i32 = self.u.arbitrary().unwrap_or(0);
                 if v < 0 {
                     format!("({v})")
@@ -1126,7 +1136,7 @@ impl Gen<'_, '_> {
                     v.to_string()
                 }
             }
-            6 => {
+            8 => {
                 let v: f64 = self.u.arbitrary().unwrap_or(0.0);
                 if v.is_nan() {
                     "(0/0)".into()

@@ -22,7 +22,7 @@ use http::{HeaderMap, StatusCode};
 use mlua::{Lua, LuaString, Table, Value};
 
 use crate::limits::Limits;
-use crate::modules::json;
+use crate::modules::json::{self, LimitCheck};
 
 /// The parts of an HTTP request a handler sees. Borrowed: building the event copies what
 /// it needs into the Lua state.
@@ -470,8 +470,16 @@ pub(crate) fn tenant_status(code: f64, what: &str) -> Result<StatusCode, OutputE
 }
 
 /// Converts a handler's return value to an HTTP response, within the output caps, with
-/// [`FRAMING_HEADERS`] dropped. Public for the fuzz target (`fuzz/`).
-pub fn http_response(value: Value, limits: &Limits) -> Result<Converted, OutputError> {
+/// [`FRAMING_HEADERS`] dropped. A table body is encoded under `check_limits` (the call's
+/// deadline, which the interrupt no longer watches: see [`json::encode_value_within`]); an
+/// error from it ends the conversion as [`OutputError::Invalid`], and the caller, whose
+/// check recorded the limit it broke, reports that limit instead. Public for the fuzz
+/// target (`fuzz/`).
+pub fn http_response(
+    value: Value,
+    limits: &Limits,
+    check_limits: LimitCheck<'_>,
+) -> Result<Converted, OutputError> {
     match value {
         Value::Nil => Ok(Converted {
             response: HttpResponse {
@@ -502,10 +510,10 @@ pub fn http_response(value: Value, limits: &Limits) -> Result<Converted, OutputE
         Value::Table(table)
             if table.raw_get::<Value>("statusCode").map_err(lua_err)? != Value::Nil =>
         {
-            proxy_response(&table, limits)
+            proxy_response(&table, limits, check_limits)
         }
         other => {
-            let body = json_body(&other, limits)?;
+            let body = json_body(&other, limits, check_limits)?;
             let mut headers = HeaderMap::with_capacity(1);
             headers.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
             Ok(Converted {
@@ -521,9 +529,18 @@ pub fn http_response(value: Value, limits: &Limits) -> Result<Converted, OutputE
 }
 
 /// `value` as JSON within the body cap.
-fn json_body(value: &Value, limits: &Limits) -> Result<Vec<u8>, OutputError> {
+fn json_body(
+    value: &Value,
+    limits: &Limits,
+    check_limits: LimitCheck<'_>,
+) -> Result<Vec<u8>, OutputError> {
     let mut body = Vec::with_capacity(64);
-    match json::encode_value_within(value, &mut body, limits.response_body_bytes) {
+    match json::encode_value_within(
+        value,
+        &mut body,
+        limits.response_body_bytes,
+        Some(check_limits),
+    ) {
         Ok(()) => Ok(body),
         Err(json::JsonError::TooLarge) => Err(OutputError::BodyTooLarge {
             limit: limits.response_body_bytes,
@@ -537,7 +554,11 @@ fn lua_err(error: mlua::Error) -> OutputError {
 }
 
 /// `{statusCode, headers, multiValueHeaders, body, isBase64Encoded}` → response.
-fn proxy_response(table: &Table, limits: &Limits) -> Result<Converted, OutputError> {
+fn proxy_response(
+    table: &Table,
+    limits: &Limits,
+    check_limits: LimitCheck<'_>,
+) -> Result<Converted, OutputError> {
     let status = match table.raw_get::<Value>("statusCode").map_err(lua_err)? {
         Value::Integer(code) => code as f64,
         Value::Number(code) => code,
@@ -654,7 +675,7 @@ fn proxy_response(table: &Table, limits: &Limits) -> Result<Converted, OutputErr
             Bytes::copy_from_slice(&text)
         }
         value @ (Value::Number(_) | Value::Integer(_) | Value::Boolean(_) | Value::Table(_)) => {
-            let body = json_body(&value, limits)?;
+            let body = json_body(&value, limits, check_limits)?;
             if let Value::Table(_) = value {
                 headers
                     .entry(CONTENT_TYPE)
@@ -743,7 +764,12 @@ const RESULT_KEY_ORDER: [&str; 5] = [
 /// A direct invocation's result as JSON text, at most `limit` bytes. A proxy-shaped result
 /// keeps its natural key order (`statusCode` first), so `moontide invoke` prints
 /// `{"statusCode":200,"body":"Hello, Ada!"}`; everything else is JSON with sorted keys.
-pub(crate) fn direct_result_json(value: &Value, limit: usize) -> Result<Vec<u8>, OutputError> {
+/// Encoded under `check_limits`, as [`http_response`] is.
+pub(crate) fn direct_result_json(
+    value: &Value,
+    limit: usize,
+    check_limits: LimitCheck<'_>,
+) -> Result<Vec<u8>, OutputError> {
     let too_large = |error: json::JsonError| match error {
         json::JsonError::TooLarge => OutputError::BodyTooLarge { limit },
         other => OutputError::Invalid(other.to_string()),
@@ -799,13 +825,13 @@ pub(crate) fn direct_result_json(value: &Value, limit: usize) -> Result<Vec<u8>,
                 }
                 Ok(key) => {
                     let room = limit.saturating_sub(out.len());
-                    json::encode_value_within(&Value::String(key), &mut out, room)
+                    json::encode_value_within(&Value::String(key), &mut out, room, None)
                         .map_err(too_large)?;
                 }
             }
             out.push(b':');
             let room = limit.saturating_sub(out.len());
-            json::encode_value_within(&v, &mut out, room).map_err(too_large)?;
+            json::encode_value_within(&v, &mut out, room, Some(check_limits)).map_err(too_large)?;
         }
         out.push(b'}');
         if out.len() > limit {
@@ -813,13 +839,14 @@ pub(crate) fn direct_result_json(value: &Value, limit: usize) -> Result<Vec<u8>,
         }
         return Ok(out);
     }
-    json::encode_value_within(value, &mut out, limit).map_err(too_large)?;
+    json::encode_value_within(value, &mut out, limit, Some(check_limits)).map_err(too_large)?;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modules::json::no_limits;
 
     fn convert(source: &str) -> Result<Converted, OutputError> {
         convert_with(source, &Limits::default())
@@ -828,7 +855,7 @@ mod tests {
     fn convert_with(source: &str, limits: &Limits) -> Result<Converted, OutputError> {
         let lua = Lua::new();
         let value: Value = lua.load(source).eval().expect("the result evaluates");
-        http_response(value, limits)
+        http_response(value, limits, &no_limits)
     }
 
     fn kind(result: Result<Converted, OutputError>) -> &'static str {
@@ -1092,25 +1119,25 @@ mod tests {
         let eval = |source: &str| lua.load(source).eval::<Value>().unwrap();
         let value = eval("return { statusCode = 200, body = 'hi', extra = 1 }");
         assert_eq!(
-            direct_result_json(&value, 1024).unwrap(),
+            direct_result_json(&value, 1024, &no_limits).unwrap(),
             br#"{"statusCode":200,"body":"hi","extra":1}"#
         );
         assert_eq!(
-            direct_result_json(&value, 20).unwrap_err(),
+            direct_result_json(&value, 20, &no_limits).unwrap_err(),
             OutputError::BodyTooLarge { limit: 20 }
         );
         let value = eval("return { statusCode = 200, [string.rep('\\1', 100)] = 1 }");
         assert_eq!(
-            direct_result_json(&value, 300).unwrap_err(),
+            direct_result_json(&value, 300, &no_limits).unwrap_err(),
             OutputError::BodyTooLarge { limit: 300 }
         );
         let value = eval("return { a = string.rep('x', 100) }");
         assert_eq!(
-            direct_result_json(&value, 50).unwrap_err(),
+            direct_result_json(&value, 50, &no_limits).unwrap_err(),
             OutputError::BodyTooLarge { limit: 50 }
         );
         assert_eq!(
-            direct_result_json(&eval("return function() end"), 50)
+            direct_result_json(&eval("return function() end"), 50, &no_limits)
                 .unwrap_err()
                 .kind(),
             "result"

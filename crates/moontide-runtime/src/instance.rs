@@ -209,6 +209,14 @@ fn thread_cpu_time() -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
+/// When a call times out, on the coarse clock, kept ticking until the host has converted
+/// the call's result: that host work runs after the interrupt stopped watching the call,
+/// and checks the deadline itself ([`Instance::converting_output`]).
+pub(crate) struct CallDeadline {
+    ms: u64,
+    _ticking: clock::Ticking,
+}
+
 impl Instance {
     /// Builds the state and runs the init phase under the function's limits.
     pub async fn new(
@@ -279,10 +287,11 @@ impl Instance {
         request_id: &str,
     ) -> Result<Vec<u8>, CallError> {
         let event = json::json_to_lua(&self.lua, payload).map_err(|e| classify(&e))?;
+        let deadline = self.deadline_from_now();
         let value = self.call(event, request_id).await?;
-        self.converting_output(|| {
-            contract::direct_result_json(&value, self.limits.response_body_bytes)
-        })
+        self.converting_output(deadline, |check_limits| {
+            contract::direct_result_json(&value, self.limits.response_body_bytes, check_limits)
+        })?
         .map_err(|e| self.bad_result(e))
     }
 
@@ -291,18 +300,72 @@ impl Instance {
     pub async fn invoke_http(&self, request: &HttpRequest<'_>) -> Result<HttpResponse, CallError> {
         let event =
             contract::http_event(&self.lua, &self.event_keys, request).map_err(|e| classify(&e))?;
+        let deadline = self.deadline_from_now();
         let value = self.call(Value::Table(event), request.request_id).await?;
-        let converted = self.converting_output(|| contract::http_response(value, &self.limits));
+        let converted = self.converting_output(deadline, |check_limits| {
+            contract::http_response(value, &self.limits, check_limits)
+        })?;
         self.converted(converted, "result")
     }
 
-    /// Runs host work on what this function's code returned (result conversion) with the
-    /// flight recorder naming this function version: a crash there is the tenant's doing
-    /// as much as one inside its Lua, and must count toward its quarantine. (Building the
-    /// event is not: its input is the client's.)
-    pub(crate) fn converting_output<R>(&self, work: impl FnOnce() -> R) -> R {
+    /// The deadline of a call starting now, taken before the call for the host work on its
+    /// result (see [`Instance::converting_output`]).
+    pub(crate) fn deadline_from_now(&self) -> CallDeadline {
+        // Started before `run` starts its own: the clock keeps ticking between the call and
+        // its conversion instead of parking and waking again.
+        let ticking = clock::Ticking::start();
+        CallDeadline {
+            ms: clock::now_ms() + self.limits.timeout.as_millis() as u64,
+            _ticking: ticking,
+        }
+    }
+
+    /// Runs host work on what this function's code returned (result conversion):
+    ///
+    /// - with the flight recorder naming this function version: a crash there is the
+    ///   tenant's doing as much as one inside its Lua, and must count toward its
+    ///   quarantine (building the event is not: its input is the client's);
+    /// - under the limits that still hold, which the interrupt no longer watches: the
+    ///   call's `deadline` (from [`Instance::deadline_from_now`]) and the
+    ///   blocking cap, counted from now. `work` gets them as a [`json::LimitCheck`] to call
+    ///   as it walks (a result of shared sub-tables, or of tables with many empty slots,
+    ///   can make a long walk out of little memory).
+    ///
+    /// `Err` is the limit the work broke (logged as a call's broken limit is); `Ok` is
+    /// what the work returned.
+    pub(crate) fn converting_output<R>(
+        &self,
+        deadline: CallDeadline,
+        work: impl FnOnce(json::LimitCheck<'_>) -> Result<R, OutputError>,
+    ) -> Result<Result<R, OutputError>, CallError> {
         let _running = recorder::running(&self.function_name, self.version);
-        work()
+        let deadline_ms = deadline.ms;
+        let started_ms = clock::now_ms();
+        let blocking_cap_ms = self.state.blocking_cap_ms.get();
+        let broke = Cell::new(None);
+        let check_limits = || {
+            let now = clock::now_ms();
+            let error = if now >= deadline_ms {
+                CallError::Timeout
+            } else if now.saturating_sub(started_ms) >= blocking_cap_ms {
+                CallError::Blocking(blocking_cap_ms)
+            } else {
+                return Ok(());
+            };
+            broke.set(Some(error));
+            Err(mlua::Error::runtime("result conversion broke a limit"))
+        };
+        let converted = work(&check_limits);
+        match broke.take() {
+            Some(error) => {
+                self.emit_log.emit(
+                    crate::LogLevel::Error,
+                    &format!("call failed: {error} (while converting its result)"),
+                );
+                Err(error)
+            }
+            None => Ok(converted),
+        }
     }
 
     /// A converted result: its error logged and returned as [`CallError::BadResult`]; the
@@ -936,6 +999,124 @@ mod tests {
             error,
             CallError::BadResult(OutputError::BodyTooLarge { limit: 64 << 10 })
         );
+    }
+
+    /// The HTTP path likewise: a table body (or a table returned as the response) of
+    /// shared sub-tables is encoded only up to the body limit.
+    #[tokio::test]
+    async fn an_http_body_of_shared_subtables_stops_at_the_body_limit() {
+        let limits = Limits {
+            response_body_bytes: 64 << 10,
+            ..Limits::default()
+        };
+        let headers = http::HeaderMap::new();
+        for result in ["t", "{ statusCode = 200, body = t }"] {
+            let (instance, _) = instance_with(
+                &format!(
+                    "return function()
+                       local t = table.create(65535, table.create(65535, table.create(65535, '')))
+                       return {result}
+                     end"
+                ),
+                limits,
+            )
+            .await;
+            let error = instance.invoke_http(&get(&headers)).await.unwrap_err();
+            assert_eq!(
+                error,
+                CallError::BadResult(OutputError::BodyTooLarge { limit: 64 << 10 }),
+                "{result}"
+            );
+        }
+    }
+
+    /// A result that writes little but is slow to walk (one table with a million empty
+    /// slots, shared 20 000² times: `[[{},{},…],…]`, each `{}` a walk of a million slots)
+    /// is converted under what is left of the call's deadline: the call times out instead
+    /// of holding its thread for hours (the `vm_surface` fuzz target's second find, once
+    /// the size caps were in; without the check this test hangs until nextest ends it).
+    #[tokio::test]
+    async fn a_result_that_is_slow_to_walk_stops_at_the_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let (instance, lines) = instance_with(
+            "return function() return table.create(20000, table.create(20000, table.create(1e6))) end",
+            limits,
+        )
+        .await;
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::Timeout));
+        let log = lines.0.lock().join("\n");
+        assert!(log.contains("while converting its result"), "{log}");
+        // The instance did not break a limit inside Lua: it serves the next call.
+        assert!(!instance.is_broken());
+    }
+
+    /// The HTTP path likewise, for a table returned as the body and for one returned as
+    /// the response itself.
+    #[tokio::test]
+    async fn an_http_body_that_is_slow_to_walk_stops_at_the_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        for source in [
+            "return function() return table.create(20000, table.create(20000, table.create(1e6))) end",
+            "return function()
+               local slow = table.create(20000, table.create(20000, table.create(1e6)))
+               return { statusCode = 200, body = slow }
+             end",
+        ] {
+            let (instance, _) = instance_with(source, limits).await;
+            let headers = http::HeaderMap::new();
+            let result = instance.invoke_http(&get(&headers)).await;
+            assert_eq!(result, Err(CallError::Timeout), "{source}");
+        }
+    }
+
+    /// A result that is quick to walk is converted as before, whatever is left of the
+    /// deadline: the check ends only work that outlives the call's limits.
+    #[tokio::test]
+    async fn a_result_is_converted_within_the_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "return function() return table.create(200, table.create(10)) end",
+            limits,
+        )
+        .await;
+        let json = instance
+            .invoke_json(&serde_json::json!({}), "r")
+            .await
+            .unwrap();
+        assert_eq!(json.len(), 1 + 200 * 3 - 1 + 1);
+    }
+
+    /// `json.encode` of shared sub-tables walks far more than the state holds, in host code
+    /// the interrupt cannot stop: the encoder checks the call's deadline itself, so the
+    /// call ends as timed out (and a `pcall` cannot hide it) instead of running on.
+    #[tokio::test]
+    async fn json_encode_that_is_slow_to_walk_stops_at_the_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let (instance, _) = instance_with(
+            "local json = require('json')
+             return function()
+               local slow = table.create(20000, table.create(20000, table.create(1e6)))
+               local ok = pcall(json.encode, slow)
+               return ok
+             end",
+            limits,
+        )
+        .await;
+        let result = instance.invoke_json(&serde_json::json!({}), "r").await;
+        assert_eq!(result, Err(CallError::Timeout));
     }
 
     #[tokio::test]

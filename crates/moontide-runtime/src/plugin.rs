@@ -286,6 +286,7 @@ impl Instance {
         };
         let table = request_table(&self.lua, request).map_err(|e| classify(&e))?;
         let args = (table.clone(), ctx.0.clone());
+        let deadline = self.deadline_from_now();
         let value = self
             .run(move || function.call_async::<Value>(args), request_id)
             .await?;
@@ -300,7 +301,9 @@ impl Instance {
                     .is_ok_and(|v| !v.is_nil()) =>
             {
                 let converted = self
-                    .converting_output(|| contract::http_response(value, &self.limits))
+                    .converting_output(deadline, |check_limits| {
+                        contract::http_response(value, &self.limits, check_limits)
+                    })?
                     .map_err(|error| error.within(phase.name()));
                 self.converted(converted, phase.name()).map(Some)
             }

@@ -161,23 +161,9 @@ impl CallState {
     /// or yields at the end of a timeslice. It runs only when the watchdog armed it, and
     /// switches itself off.
     fn interrupt(&self, lua: &Lua) -> mlua::Result<VmState> {
-        let switch = self.switch();
-        switch.disarm();
+        self.switch().disarm();
         let now = clock::now_ms();
-        if self.limit_hit.get().is_none() {
-            if now >= self.deadline_ms.get() {
-                self.limit_hit.set(Some(LimitHit::Timeout));
-            } else if now.saturating_sub(self.resumed_at_ms.get()) >= self.blocking_cap_ms.get() {
-                self.limit_hit.set(Some(LimitHit::Blocking));
-            }
-        }
-        if let Some(hit) = self.limit_hit.get() {
-            switch.arm();
-            return Err(mlua::Error::runtime(match hit {
-                LimitHit::Timeout => "function timed out",
-                LimitHit::Blocking => "function held its thread too long without yielding",
-            }));
-        }
+        self.check_limits(now)?;
         if preempt::in_protected_code(lua) {
             // Never between an async poll and its yield (see `preempt`): the slice ends
             // at the next safepoint outside, a few instructions on.
@@ -209,6 +195,27 @@ impl CallState {
         // Armed early (a slice of an earlier resume): reschedule.
         self.schedule_interrupt();
         Ok(VmState::Continue)
+    }
+
+    /// Records a deadline or blocking cap that has passed at `now`, and raises the broken
+    /// limit (now or earlier) with the interrupt armed, so that every later safepoint
+    /// raises again.
+    fn check_limits(&self, now: u64) -> mlua::Result<()> {
+        if self.limit_hit.get().is_none() {
+            if now >= self.deadline_ms.get() {
+                self.limit_hit.set(Some(LimitHit::Timeout));
+            } else if now.saturating_sub(self.resumed_at_ms.get()) >= self.blocking_cap_ms.get() {
+                self.limit_hit.set(Some(LimitHit::Blocking));
+            }
+        }
+        if let Some(hit) = self.limit_hit.get() {
+            self.switch().arm();
+            return Err(mlua::Error::runtime(match hit {
+                LimitHit::Timeout => "function timed out",
+                LimitHit::Blocking => "function held its thread too long without yielding",
+            }));
+        }
+        Ok(())
     }
 
     /// One step of the zero-length slice's generator: `true` to preempt here.
@@ -284,6 +291,16 @@ pub(crate) fn host_work<R>(
         return Err(mlua::Error::MemoryError("not enough memory".into()));
     }
     result
+}
+
+/// For long host work called from Lua, which the interrupt cannot stop (it runs only at
+/// the VM's safepoints): `Err` once the call is past its deadline or blocking cap, recorded
+/// as the interrupt records it. Cheap (a coarse clock read); call it every so often.
+pub(crate) fn check_host_limits(lua: &Lua) -> mlua::Result<()> {
+    match lua.app_data_ref::<Rc<CallState>>() {
+        Some(state) => state.check_limits(clock::now_ms()),
+        None => Ok(()),
+    }
 }
 
 /// What the sandbox needs to know about the function it hosts.
@@ -364,6 +381,8 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     lua.set_app_data(MemoryBudget {
         bytes: spec.limits.memory_bytes,
     });
+    // For long host work that checks the call's limits itself (`check_host_limits`).
+    lua.set_app_data(state.clone());
     // The memory cap is armed only while Lua code runs (see `MemoryCap`): with a limit set,
     // mlua runs every API call in a protected call, which would tax the host's marshaling.
     Ok(Sandbox {

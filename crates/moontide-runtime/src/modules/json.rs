@@ -162,19 +162,35 @@ fn lua_encode(lua: &Lua, value: &Value) -> mlua::Result<mlua::LuaString> {
         scratch.out.clear();
         scratch.entries.clear();
         scratch.keys.clear();
+        // Text that could never become a Lua string under the memory cap is not worth
+        // writing: the walk stops where the string would have failed to allocate (a graph
+        // of shared sub-tables can describe far more text than the state holds).
+        let headroom = lua
+            .app_data_ref::<crate::sandbox::MemoryBudget>()
+            .map(|budget| budget.bytes.saturating_sub(lua.used_memory()));
+        let limit = headroom.map_or(MAX_ENCODED_LEN, |headroom| headroom.min(MAX_ENCODED_LEN));
+        // Such a graph also makes a long walk out of little memory, and the interrupt
+        // cannot stop host code: the walk checks the call's limits itself.
+        let check = || crate::sandbox::check_host_limits(lua);
         let mut enc = Encoder {
-            limit: MAX_ENCODED_LEN,
+            limit,
             out: &mut scratch.out,
             entries: &mut scratch.entries,
             keys: &mut scratch.keys,
             tmp: &mut scratch.tmp,
             pending: None,
+            check_limits: Some(&check),
+            values: 0,
         };
         // Walking the value allocates no Lua memory; the result string is made with the
         // cap armed.
         let result = crate::sandbox::host_work(lua, 0, || {
-            enc.value(value, 0)
-                .map_err(|e| e.into_lua_error("json.encode"))
+            enc.value(value, 0).map_err(|e| match e {
+                JsonError::TooLarge if limit < MAX_ENCODED_LEN => {
+                    mlua::Error::MemoryError("not enough memory".into())
+                }
+                e => e.into_lua_error("json.encode"),
+            })
         })
         .and_then(|()| lua.create_string(&scratch.out[..]));
         scratch.trim();
@@ -208,16 +224,29 @@ pub(crate) fn lua_type_name(value: &Value) -> &'static str {
 ///
 /// On error `out` may contain a partial document.
 pub fn encode_value(value: &Value, out: &mut Vec<u8>) -> Result<(), JsonError> {
-    encode_value_within(value, out, MAX_ENCODED_LEN)
+    encode_value_within(value, out, MAX_ENCODED_LEN, None)
+}
+
+/// A check of the limits of the call whose value is being encoded (its deadline, its
+/// blocking cap): `Err` ends the walk with that error.
+pub type LimitCheck<'a> = &'a dyn Fn() -> mlua::Result<()>;
+
+/// The [`LimitCheck`] of work done outside any call (tests, fuzz targets): never fails.
+pub fn no_limits() -> mlua::Result<()> {
+    Ok(())
 }
 
 /// [`encode_value`] with a smaller cap: fails with [`JsonError::TooLarge`] as soon as more
 /// than `max_len` bytes (at most [`MAX_ENCODED_LEN`]) would be appended, before they are
-/// (a response body, a direct result: the caller's output cap, not 64 MiB).
+/// (a response body, a direct result: the caller's output cap, not 64 MiB); and with the
+/// first error of `check_limits`, called before every table and every
+/// [`VALUES_PER_LIMIT_CHECK`] other values (a graph of shared sub-tables makes a long walk
+/// out of little memory, and host code cannot be interrupted).
 pub fn encode_value_within(
     value: &Value,
     out: &mut Vec<u8>,
     max_len: usize,
+    check_limits: Option<LimitCheck<'_>>,
 ) -> Result<(), JsonError> {
     let (mut entries, mut keys, mut tmp) = (Vec::new(), Vec::new(), Vec::new());
     let mut enc = Encoder {
@@ -227,6 +256,8 @@ pub fn encode_value_within(
         keys: &mut keys,
         tmp: &mut tmp,
         pending: None,
+        check_limits,
+        values: 0,
     };
     enc.value(value, 0)
 }
@@ -241,9 +272,18 @@ struct Entry {
     end: usize,
 }
 
+/// How many values other than tables the encoder writes between two checks of the call's
+/// limits (it also checks before every table).
+pub const VALUES_PER_LIMIT_CHECK: u32 = 4096;
+
 struct Encoder<'a> {
     out: &'a mut Vec<u8>,
     limit: usize,
+    /// The call's deadline and blocking cap, checked before every table and every
+    /// [`VALUES_PER_LIMIT_CHECK`] other values.
+    check_limits: Option<LimitCheck<'a>>,
+    /// Values written since the last check.
+    values: u32,
     /// Stack of object members, shared by all nesting levels.
     entries: &'a mut Vec<Entry>,
     /// Raw key bytes of the entries.
@@ -309,6 +349,16 @@ impl Encoder<'_> {
     }
 
     fn value(&mut self, value: &Value, depth: usize) -> Result<(), JsonError> {
+        if let Some(check) = self.check_limits {
+            // Before every table (walking one costs up to its whole capacity even when it
+            // writes nothing: `{}` of a table with a million empty slots) and every
+            // `VALUES_PER_LIMIT_CHECK` other values.
+            self.values += 1;
+            if matches!(value, Value::Table(_)) || self.values >= VALUES_PER_LIMIT_CHECK {
+                self.values = 0;
+                check().map_err(JsonError::Lua)?;
+            }
+        }
         match value {
             Value::Nil => self.out.extend_from_slice(b"null"),
             Value::LightUserData(ud) if ud.0.is_null() => self.out.extend_from_slice(b"null"),
@@ -1278,17 +1328,17 @@ mod tests {
         let lua = Lua::new();
         let control = lua.create_string(vec![1u8; 10_000]).unwrap();
         let mut out = Vec::new();
-        let result = encode_value_within(&Value::String(control), &mut out, 1000);
+        let result = encode_value_within(&Value::String(control), &mut out, 1000, None);
         assert!(matches!(result, Err(JsonError::TooLarge)));
         assert!(out.len() <= 1006, "{} bytes written", out.len());
         let plain = lua.create_string(vec![b'x'; 10_000]).unwrap();
         let mut out = Vec::new();
-        let result = encode_value_within(&Value::String(plain), &mut out, 1000);
+        let result = encode_value_within(&Value::String(plain), &mut out, 1000, None);
         assert!(matches!(result, Err(JsonError::TooLarge)));
         assert!(out.is_empty(), "refused before it was copied");
         let mut out = Vec::new();
         let fits = lua.create_string("a\u{1}b").unwrap();
-        encode_value_within(&Value::String(fits), &mut out, 10).unwrap();
+        encode_value_within(&Value::String(fits), &mut out, 10, None).unwrap();
         assert_eq!(out, br#""a\u0001b""#);
     }
 
@@ -1371,6 +1421,79 @@ mod tests {
             .eval()
             .unwrap();
         assert!(matches!(lua_to_json(&v), Err(JsonError::TooLarge)));
+    }
+
+    /// Under a memory cap, `json.encode` stops where its text could no longer become a Lua
+    /// string, with the memory error creating it would have raised, instead of first
+    /// writing up to 64 MiB (found by the `vm_surface` fuzz target: shared sub-tables
+    /// describing 65535³ strings kept a host call busy for tens of seconds).
+    #[test]
+    fn encode_stops_at_the_memory_headroom() {
+        let lua = sandboxed();
+        let headroom = 1 << 20;
+        lua.set_app_data(crate::sandbox::MemoryBudget {
+            bytes: lua.used_memory() + headroom,
+        });
+        let e = eval_err(
+            &lua,
+            "local t = table.create(65535, '') for i = 1, 3 do t = table.create(65535, t) end
+             return json.encode(t)",
+        );
+        assert!(e.contains("not enough memory"), "{e}");
+        // What fits is encoded as before (once the big tables are collected).
+        lua.gc_collect().unwrap();
+        lua.gc_collect().unwrap();
+        let small = eval_str(&lua, "return json.encode(table.create(3, {1, 'a'}))");
+        assert_eq!(small, r#"[[1,"a"],[1,"a"],[1,"a"]]"#);
+    }
+
+    /// The encoder checks the call's limits as it walks (before every table and every 4096
+    /// other values), so the interrupt's verdict reaches host code it cannot stop; the
+    /// first failed check ends the walk with that error.
+    #[test]
+    fn encoder_checks_the_call_limits_as_it_walks() {
+        let lua = sandboxed();
+        let v: Value = lua
+            .load("return table.create(65535, table.create(65535, ''))")
+            .eval()
+            .unwrap();
+        let checks = Cell::new(0);
+        let check = || {
+            checks.set(checks.get() + 1);
+            if checks.get() == 3 {
+                Err(mlua::Error::runtime("function timed out"))
+            } else {
+                Ok(())
+            }
+        };
+        let mut out = Vec::new();
+        let error = encode_value_within(&v, &mut out, MAX_ENCODED_LEN, Some(&check)).unwrap_err();
+        assert!(error.to_string().contains("function timed out"), "{error}");
+        assert_eq!(checks.get(), 3);
+        // Three checks (the outer table, the first inner one, 4096 values into it): about
+        // 4096 values of 3 bytes were written, not 65535².
+        assert!(out.len() < 2 * 4096 * 3, "{}", out.len());
+    }
+
+    /// A table with a million empty slots encodes as `{}` but costs its whole capacity to
+    /// walk: shared a thousand times it writes little and walks long, so checks come
+    /// before every table, not only every 4096 values.
+    #[test]
+    fn encoder_checks_the_call_limits_before_every_table() {
+        let lua = sandboxed();
+        let v: Value = lua
+            .load("return table.create(1000, table.create(1e6))")
+            .eval()
+            .unwrap();
+        let checks = Cell::new(0);
+        let check = || {
+            checks.set(checks.get() + 1);
+            Ok(())
+        };
+        let mut out = Vec::new();
+        encode_value_within(&v, &mut out, MAX_ENCODED_LEN, Some(&check)).unwrap();
+        assert_eq!(out.len(), 1 + 1000 * 3 - 1 + 1);
+        assert_eq!(checks.get(), 1001);
     }
 
     #[test]
