@@ -214,8 +214,16 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     }
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        // Where the text stops being JSON, serde names no field ("?"): the path is the
+        // deepest field it did name (the body itself at worst), and the message says
+        // line and column.
         let path = error.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        let path = path
+            .split('.')
+            .take_while(|segment| *segment != "?")
+            .filter(|segment| !segment.is_empty())
+            .collect::<Vec<_>>()
+            .join(".");
         // serde quotes the offending value ("invalid type: integer `1234`"); under `env`
         // that value is a secret, so say only what was expected.
         let message = if path.starts_with("config.env.") || path.starts_with("env.") {
@@ -727,6 +735,32 @@ pub(crate) fn log_response(log: Arc<crate::logs::FunctionLog>, query: LogsQuery)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Text that is not JSON names the deepest field serde reached (the body itself when it
+    /// reached none), never serde's `?`, and says where the text broke.
+    #[test]
+    fn invalid_json_names_a_real_path() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Body {
+            config: std::collections::BTreeMap<String, serde_json::Value>,
+        }
+        let path_and_message = |body: &str| {
+            let error = parse_body::<Body>(body.as_bytes()).unwrap_err();
+            (
+                error.details["path"].as_str().unwrap().to_string(),
+                error.message,
+            )
+        };
+        let (path, message) = path_and_message("{\"config\": {\"timeout\": ");
+        assert_eq!(path, "config.timeout");
+        assert!(message.contains("line 1 column"), "{message}");
+        let (path, message) = path_and_message("not json");
+        assert_eq!(path, "");
+        assert!(message.contains("at line 1 column"), "{message}");
+        let (path, _) = path_and_message("{\"config\": 5}");
+        assert_eq!(path, "config");
+    }
 
     #[test]
     fn every_route_is_in_the_openapi_document_and_back() {

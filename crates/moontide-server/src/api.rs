@@ -504,8 +504,15 @@ pub fn parse_duration(input: &DurationInput) -> Result<Duration, String> {
                 .parse()
                 .map_err(|_| format!("'{text}' is not a duration like 5s, 250ms or 2m"))?;
             let seconds = match unit.trim() {
+                // A bare number as text is ambiguous (a JSON number is milliseconds; `5`
+                // typed on a command line usually means seconds): say so instead of guessing.
+                "" => {
+                    return Err(format!(
+                        "'{text}' needs a unit: {text}s, {text}ms, {text}m or {text}h"
+                    ));
+                }
                 "ms" => value / 1000.0,
-                "s" | "" => value,
+                "s" => value,
                 "m" | "min" => value * 60.0,
                 "h" => value * 3600.0,
                 _ => return Err(format!("'{text}' has an unknown unit (use ms, s, m or h)")),
@@ -568,6 +575,12 @@ mod tests {
         assert_eq!(d("2m").unwrap(), Duration::from_secs(120));
         assert!(d("5 parsecs").is_err());
         assert!(d("abc").is_err());
+        // Text needs a unit (a JSON number is milliseconds; "5" is not guessed at).
+        assert_eq!(d("5").unwrap_err(), "'5' needs a unit: 5s, 5ms, 5m or 5h");
+        assert_eq!(
+            parse_duration(&DurationInput::Millis(5)).unwrap(),
+            Duration::from_millis(5)
+        );
         let s = |t: &str| parse_size(&SizeInput::Text(t.into()));
         assert_eq!(s("64MiB").unwrap(), 64 << 20);
         assert_eq!(s("512KiB").unwrap(), 512 << 10);

@@ -309,6 +309,8 @@ async fn serve(config: ServeConfig, examples: Option<PathBuf>) -> anyhow::Result
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a log file or a collector gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match supervise::inherited() {
         Some(inherited) => {
