@@ -17,6 +17,7 @@ local function handler(event, ctx)
   end
   order.total = math.floor(total * 100 + 0.5) / 100
   order.request_id = ctx.request_id
+  print(("priced %d items: %.2f"):format(#(order.items or {}), order.total))  -- to `moontide logs orders`
   return { statusCode = 200, headers = { ["content-type"] = "application/json" }, body = json.encode(order) }
 end
 

@@ -95,6 +95,15 @@ pub async fn apply(client: &Client, file: &Path) -> anyhow::Result<ExitCode> {
     }
     for (done, object) in objects.iter().enumerate() {
         let path = format!("/v1/{}/{}", object.kind, object.name);
+        // What serves under this name now (made by hand, or by another manifest): a
+        // replaced object is named as such, with the fields that changed.
+        let before = match object.kind {
+            "functions" => None,
+            _ => match client.get(&path).await? {
+                (status, value) if status.is_success() => Some(value),
+                _ => None,
+            },
+        };
         let (status, answer) = client.put(&path, &object.body).await?;
         let label = format!("{}.{}", object.kind, object.name);
         if status.is_success() {
@@ -104,7 +113,10 @@ pub async fn apply(client: &Client, file: &Path) -> anyhow::Result<ExitCode> {
                 }
                 ("functions", _) => format!("deployed version {}", answer["version"]),
                 (_, 201) => "created".to_string(),
-                _ => "applied".to_string(),
+                _ => {
+                    let (_, after) = client.get(&path).await?;
+                    replaced(before.as_ref(), &after)
+                }
             };
             println!("{label}: {what}");
             continue;
@@ -134,9 +146,55 @@ pub async fn apply(client: &Client, file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How an existing object (as `GET` shows it: `{name, revision, config}`) compares with
+/// what replaced it: `unchanged`, or `replaced (changed: fields)` naming the fields of its
+/// config that differ.
+fn replaced(before: Option<&Value>, after: &Value) -> String {
+    let Some(before) = before else {
+        return "applied".to_string();
+    };
+    let config = |object: &Value| object.get("config").cloned().unwrap_or(object.clone());
+    let (before, after) = (config(before), config(after));
+    let (Some(before), Some(after)) = (before.as_object(), after.as_object()) else {
+        return "replaced".to_string();
+    };
+    let mut changed: Vec<&str> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
+        .map(String::as_str)
+        .collect();
+    changed.sort_unstable();
+    changed.dedup();
+    if changed.is_empty() {
+        "unchanged".to_string()
+    } else {
+        format!(
+            "replaced the existing object (changed: {})",
+            changed.join(", ")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_object_names_what_changed() {
+        let before = serde_json::json!({"name": "r", "revision": 4,
+            "config": {"paths": ["/a/*"], "upstream": "x", "priority": 0}});
+        let same = serde_json::json!({"name": "r", "revision": 5,
+            "config": {"paths": ["/a/*"], "upstream": "x", "priority": 0}});
+        let other = serde_json::json!({"name": "r", "revision": 6,
+            "config": {"paths": ["/b/*"], "upstream": "x", "methods": ["GET"]}});
+        assert_eq!(replaced(Some(&before), &same), "unchanged");
+        assert_eq!(
+            replaced(Some(&before), &other),
+            "replaced the existing object (changed: methods, paths, priority)"
+        );
+        assert_eq!(replaced(None, &other), "applied");
+    }
 
     fn manifest(yaml: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@ use moontide_supervisor::supervise;
 use serde_json::{Value, json};
 
 use crate::client::Client;
+use crate::render::Output;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +40,10 @@ pub struct Cli {
         default_value = "moontide-data"
     )]
     data_dir: PathBuf,
+    /// What client commands print: aligned tables for a person, or the admin API's JSON
+    /// for a script.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
 /// The autoscaler's knobs of `deploy` (see DESIGN.md §2 and `moontide_server::autoscale`).
@@ -192,8 +197,32 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The function a command names, if any.
+    fn function_name(&self) -> Option<&str> {
+        match self {
+            Command::Deploy { name, .. }
+            | Command::Invoke { name, .. }
+            | Command::Info { name }
+            | Command::Rm { name }
+            | Command::Rollback { name, .. }
+            | Command::Versions { name }
+            | Command::Logs { name, .. } => Some(name),
+            Command::Serve { .. } | Command::Ls | Command::Apply { .. } => None,
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = || Client::new(&cli.admin_url, &cli.data_dir);
+    let client = || Client::new(&cli.admin_url, &cli.data_dir, cli.output);
+    if let Some(name) = cli.command.function_name() {
+        // Checked here, as the API checks it: a name such as `../etc` would otherwise
+        // become another URL path and a confusing "no such endpoint".
+        if let Err(message) = moontide_server::api::validate_function_name(name) {
+            eprintln!("error: name '{name}': {message} (invalid_request)");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     match cli.command {
         Command::Serve {
             listen,
@@ -370,7 +399,7 @@ async fn deploy_examples(
     data_dir: &std::path::Path,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let client = Client::new(admin, data_dir)?;
+    let client = Client::new(admin, data_dir, Output::Text)?;
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(Result::ok)

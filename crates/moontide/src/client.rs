@@ -9,10 +9,13 @@ use futures_util::StreamExt;
 use moontide_runtime::FunctionSource;
 use serde_json::{Value, json};
 
+use crate::render::{self, Output, Table};
+
 pub struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
+    output: Output,
 }
 
 /// The admin token: `MOONTIDE_TOKEN`, else `<data-dir>/admin.token`.
@@ -94,7 +97,7 @@ fn collect_lua_files(
 }
 
 impl Client {
-    pub fn new(base: &str, data_dir: &Path) -> anyhow::Result<Client> {
+    pub fn new(base: &str, data_dir: &Path, output: Output) -> anyhow::Result<Client> {
         let _ = rustls_provider();
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
@@ -102,7 +105,17 @@ impl Client {
             http: reqwest::Client::builder()
                 .build()
                 .context("building the HTTP client")?,
+            output,
         })
+    }
+
+    /// With `--output json`, prints the admin API's answer and returns `true`.
+    fn printed_as_json(&self, value: &Value) -> anyhow::Result<bool> {
+        if self.output != Output::Json {
+            return Ok(false);
+        }
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(true)
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -157,6 +170,11 @@ impl Client {
             .await
     }
 
+    /// `GET path`: the status and the answer.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+
     pub async fn exists(&self, name: &str) -> anyhow::Result<bool> {
         let (status, _) = self
             .send(self.request(reqwest::Method::GET, &format!("/v1/functions/{name}")))
@@ -174,7 +192,9 @@ impl Client {
             )
             .await?;
         if status.is_success() {
-            println!("deployed {name} version {}", value["version"]);
+            if !self.printed_as_json(&value)? {
+                println!("deployed {name} version {}", value["version"]);
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if value["error"]["code"] == "compile_error" {
@@ -226,20 +246,26 @@ impl Client {
         if !status.is_success() {
             return Ok(Self::fail(&value));
         }
-        println!(
-            "{:<32} {:>7} {:>7} {:>9}  ROUTE",
-            "NAME", "VERSION", "LATEST", "INSTANCES"
-        );
-        for f in value["functions"].as_array().into_iter().flatten() {
-            println!(
-                "{:<32} {:>7} {:>7} {:>9}  {}",
-                f["name"].as_str().unwrap_or(""),
-                f["active_version"],
-                f["latest_version"],
-                f["live_instances"],
-                f["route"].as_str().unwrap_or("-"),
-            );
+        if self.printed_as_json(&value)? {
+            return Ok(ExitCode::SUCCESS);
         }
+        let mut table = Table::new(&[
+            ("NAME", false),
+            ("VERSION", true),
+            ("LATEST", true),
+            ("INSTANCES", true),
+            ("ROUTE", false),
+        ]);
+        for f in value["functions"].as_array().into_iter().flatten() {
+            table.row(vec![
+                render::cell(&f["name"]),
+                render::cell(&f["active_version"]),
+                render::cell(&f["latest_version"]),
+                render::cell(&f["live_instances"]),
+                render::cell(&f["route"]),
+            ]);
+        }
+        print!("{}", table.render());
         Ok(ExitCode::SUCCESS)
     }
 
@@ -261,7 +287,9 @@ impl Client {
         if !status.is_success() {
             return Ok(Self::fail(&value));
         }
-        println!("removed {name}");
+        if !self.printed_as_json(&value)? {
+            println!("removed {name}");
+        }
         Ok(ExitCode::SUCCESS)
     }
 
@@ -282,10 +310,12 @@ impl Client {
         if !status.is_success() {
             return Ok(Self::fail(&value));
         }
-        println!(
-            "{name} now serves version {} (was {})",
-            value["version"], value["previous_version"]
-        );
+        if !self.printed_as_json(&value)? {
+            println!(
+                "{name} now serves version {} (was {})",
+                value["version"], value["previous_version"]
+            );
+        }
         Ok(ExitCode::SUCCESS)
     }
 
@@ -299,10 +329,16 @@ impl Client {
         if !status.is_success() {
             return Ok(Self::fail(&value));
         }
-        println!(
-            "{:>7}  {:<6}  {:<13}  {:<12}  FILES",
-            "VERSION", "ACTIVE", "CREATED_MS", "SHA256"
-        );
+        if self.printed_as_json(&value)? {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut table = Table::new(&[
+            ("VERSION", true),
+            ("ACTIVE", false),
+            ("CREATED", false),
+            ("SHA256", false),
+            ("FILES", false),
+        ]);
         for v in value["versions"].as_array().into_iter().flatten() {
             let files: Vec<&str> = v["files"]
                 .as_array()
@@ -310,15 +346,20 @@ impl Client {
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            println!(
-                "{:>7}  {:<6}  {:<13}  {:<12}  {}",
-                v["version"],
-                if v["active"] == true { "*" } else { "" },
-                v["created_at_ms"],
-                v["sha256"].as_str().unwrap_or("").get(..12).unwrap_or(""),
+            table.row(vec![
+                render::cell(&v["version"]),
+                if v["active"] == true { "*" } else { "" }.to_string(),
+                render::time_ms(&v["created_at_ms"]),
+                v["sha256"]
+                    .as_str()
+                    .unwrap_or("")
+                    .get(..12)
+                    .unwrap_or("")
+                    .to_string(),
                 files.join(","),
-            );
+            ]);
         }
+        print!("{}", table.render());
         Ok(ExitCode::SUCCESS)
     }
 
@@ -343,12 +384,16 @@ impl Client {
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 if let Ok(record) = serde_json::from_slice::<Value>(&line) {
+                    if self.output == Output::Json {
+                        println!("{record}");
+                        continue;
+                    }
                     println!(
                         "{} {:<5} v{} {} {}",
-                        record["ts_ms"],
+                        render::time_ms(&record["ts_ms"]),
                         record["level"].as_str().unwrap_or(""),
                         record["version"],
-                        record["request_id"].as_str().unwrap_or(""),
+                        record["request_id"].as_str().unwrap_or("-"),
                         record["message"].as_str().unwrap_or(""),
                     );
                 }

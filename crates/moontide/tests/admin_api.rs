@@ -333,3 +333,74 @@ async fn the_cli_explains_a_missing_server_or_token() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no admin token"));
 }
+
+/// The CLI's rough edges (issue 14): a name such as `../etc` gets the name rule, not a
+/// URL's "no such endpoint"; a duration without a unit is refused, not guessed; `--output
+/// json` prints the admin API's JSON for scripts; `apply` says when it replaced an object
+/// made by hand, and what changed.
+#[tokio::test]
+async fn the_cli_names_bad_input_and_prints_json_for_scripts() {
+    let node = Node::start();
+    let files = common::temp_files(&[
+        ("hello.lua", "return function() print('hi') return 'hi' end"),
+        (
+            "moontide.yaml",
+            "functions:\n  hello: {path: hello.lua}\nroutes:\n  hello: {paths: [\"/hi\"], function: hello}\n",
+        ),
+    ]);
+    let source = files.path().join("hello.lua");
+    let source = source.to_str().unwrap();
+
+    for args in [
+        &["info", "../etc"][..],
+        &["logs", "../etc"][..],
+        &["deploy", "../etc", source][..],
+    ] {
+        let output = node.cli(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}");
+        assert!(
+            stderr.contains("name '../etc': function names are"),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    let output = node.cli(&["deploy", "hello", source, "--timeout", "5"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("'5' needs a unit: 5s, 5ms"), "{stderr}");
+    assert!(stderr.contains("at: config.timeout"), "{stderr}");
+
+    let deployed: Value =
+        serde_json::from_str(&node.cli_ok(&["--output", "json", "deploy", "hello", source]))
+            .expect("deploy --output json is JSON");
+    assert_eq!(deployed["version"], 1);
+    let listed: Value = serde_json::from_str(&node.cli_ok(&["-o", "json", "ls"])).unwrap();
+    assert_eq!(listed["functions"][0]["name"], "hello");
+    let versions: Value =
+        serde_json::from_str(&node.cli_ok(&["-o", "json", "versions", "hello"])).unwrap();
+    assert_eq!(versions["versions"][0]["version"], 1);
+    assert_eq!(node.get("/fn/hello").await.text().await.unwrap(), "hi");
+    let logs = node.cli_ok(&["-o", "json", "logs", "hello"]);
+    let record: Value = serde_json::from_str(logs.lines().next().expect("a log line")).unwrap();
+    assert_eq!(record["message"], "hi");
+    assert!(record["ts_ms"].is_u64(), "{record}");
+
+    // A route made by hand, then a manifest with the same name: the replacement is said.
+    let (status, _) = node
+        .admin_json(
+            Method::PUT,
+            "/v1/routes/hello",
+            Some(json!({"paths": ["/by-hand"], "function": "hello"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let manifest = files.path().join("moontide.yaml");
+    let applied = node.cli_ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        applied.contains("routes.hello: replaced the existing object (changed: paths)"),
+        "{applied}"
+    );
+    let again = node.cli_ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(again.contains("routes.hello: unchanged"), "{again}");
+}

@@ -55,6 +55,27 @@ impl Node {
     }
 
     fn start_in_with_env(data_dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Node {
+        let workers: &[&str] = if extra.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(workers)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied());
+        Node::start_command(command, data_dir)
+    }
+
+    /// A node run by `command`, a whole `moontide serve` command line (the README's, with
+    /// its default data dir), whose data dir is `data_dir`: its output is read for the
+    /// addresses it reports.
+    pub fn start_command(mut command: Command, data_dir: PathBuf) -> Node {
         // Server logs go to a file: a pipe inherited by a server that outlives a killed
         // test would keep the test runner's output open.
         let log = std::fs::OpenOptions::new()
@@ -62,19 +83,7 @@ impl Node {
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("server log file");
-        let workers: &[&str] = if extra.contains(&"--workers") {
-            &[]
-        } else {
-            &["--workers", "2"]
-        };
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(workers)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
