@@ -475,12 +475,13 @@ fn require_function(
 }
 
 /// Lua 5.2+'s `load(chunk [, chunkname [, mode [, env]]])` over Luau's text-only
-/// `loadstring`, so code written for newer Luas runs. Returns `nil, message` on error like
-/// the real one. Binary chunks are refused.
+/// `loadstring`, so code written for newer Luas runs. Returns `nil, message` (a string) on
+/// error like the real one, where `loadstring` raises. Binary chunks are refused.
 fn load_shim(lua: &Lua) -> mlua::Result<Function> {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     const SOURCE: &str = r#"
-local loadstring, setfenv, type, concat, pcall = loadstring, setfenv, type, table.concat, pcall
+local loadstring, setfenv, type, concat, pcall, tostring, gsub =
+  loadstring, setfenv, type, table.concat, pcall, tostring, string.gsub
 return function(chunk, chunkname, mode, env)
   if type(chunk) == "function" then
     local parts = {}
@@ -498,7 +499,8 @@ return function(chunk, chunkname, mode, env)
     return nil, "attempt to load a text chunk (mode is '" .. mode .. "')"
   end
   local ok, fn = pcall(loadstring, chunk, chunkname or "=(load)")
-  if not ok then return nil, fn end
+  -- Luau's loadstring raises (an error object): `load` returns the message, a string.
+  if not ok then return nil, (gsub(tostring(fn), "^syntax error: ", "")) end
   if env ~= nil then setfenv(fn, env) end
   return fn
 end
