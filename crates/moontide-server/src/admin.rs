@@ -26,7 +26,7 @@ use crate::errors::ApiError;
 use crate::gateway::admin as gateway;
 use crate::records::{self, FunctionRecord, VersionRecord};
 use crate::registry::Registry;
-use crate::worker::{Job, Workers};
+use crate::worker::{DEPLOY_CHECK_VERSION, Job, Workers};
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -480,18 +480,16 @@ async fn deploy(
         return Ok(unchanged);
     }
     // The init runs once now, on a worker, under the version's own limits: code whose
-    // module level fails would answer every call with a 500.
-    let next_version = head
-        .as_ref()
-        .map_or(1, |(record, _)| record.latest_version + 1);
+    // module level fails would answer every call with a 500. Not a version yet: it runs
+    // as version 0 (its log lines, and the flight recorder should it crash the node).
     let spec = InstanceSpec {
         function_name: Arc::from(name.as_str()),
-        version: next_version,
+        version: DEPLOY_CHECK_VERSION,
         limits: config.limits(),
         env: Arc::new(config.env.clone()),
         log: Arc::new(crate::logs::VersionLogSink {
             log: state.registry.logs.function(&name),
-            version: next_version,
+            version: DEPLOY_CHECK_VERSION,
         }),
         kind: UnitKind::Function,
         egress: config.egress(),

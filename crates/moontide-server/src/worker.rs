@@ -60,6 +60,9 @@ pub enum Job {
 
 /// The request id of a deploy's init check in the function's log.
 pub const DEPLOY_CHECK_ID: &str = "deploy";
+/// The version a deploy's init check runs as (the unit is not a version yet; plugins have
+/// none).
+pub const DEPLOY_CHECK_VERSION: u64 = 0;
 
 /// A direct invocation's result.
 pub struct InvokeOutput {

@@ -27,6 +27,7 @@ use crate::errors::ApiError;
 use crate::logs::VersionLogSink;
 use crate::records::{self, PluginRecord};
 use crate::registry::plugin_label;
+use crate::worker::DEPLOY_CHECK_VERSION;
 
 type Shared = State<Arc<AdminState>>;
 
@@ -435,17 +436,18 @@ pub async fn put_plugin(
         files: files.clone(),
     })
     .map_err(|errors| compile_failure("source".into(), &errors))?;
-    // Run the init once, in the sandbox, on a worker (Lua runs only there), to check the
-    // table it returns. Its errors also go to the plugin's log.
+    // Run the init once, in the sandbox, on the long-call worker (Lua runs only on
+    // workers), to check that it runs and the table it returns. Its errors also go to the
+    // plugin's log.
     let label = plugin_label(&name);
     let spec = InstanceSpec {
         function_name: Arc::from(label.as_str()),
-        version: 0,
+        version: DEPLOY_CHECK_VERSION,
         limits: config.limits(),
         env: Arc::new(config.env.clone()),
         log: Arc::new(VersionLogSink {
             log: state.registry.logs.function(&label),
-            version: 0,
+            version: DEPLOY_CHECK_VERSION,
         }),
         kind: UnitKind::Plugin,
         egress: config.egress(),
