@@ -28,7 +28,7 @@ use mlua::{Function, Lua, Table, Value};
 use moontide_supervisor::recorder;
 
 use crate::clock;
-use crate::compile::CompiledFunction;
+use crate::compile::{CompileError, CompiledFunction};
 use crate::contract::{self, HttpRequest, HttpResponse, OutputError};
 use crate::engine::{Engine, FunctionEgress};
 use crate::fairness::{self, Seat};
@@ -112,6 +112,9 @@ impl CallError {
     }
 }
 
+/// The request id of an init that no call asked for (pre-warming, `min`).
+pub const INIT_REQUEST_ID: &str = "init";
+
 /// Why an instance could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InstanceError {
@@ -136,6 +139,62 @@ impl InstanceError {
             InstanceError::Init(error) => error.kind(),
             InstanceError::NoHandler(_) | InstanceError::BadPlugin(_) => "init",
         }
+    }
+
+    /// Where and why the init failed, in the shape of a syntax error (a deploy refuses
+    /// both alike): the file and line of the error's own position (`lib.lua:3: boom`),
+    /// else of the innermost frame of the bundle in its traceback (an error raised by a
+    /// built-in, such as `require` of a missing module, names no position itself); the
+    /// first line of the message. A broken limit has no position (`file` empty); a
+    /// return value that is not a handler (or a plugin's phase table) is `main.lua`'s.
+    pub fn source_error(&self) -> CompileError {
+        let unplaced = |file: &str, message: String| CompileError {
+            file: file.to_string(),
+            line: None,
+            message,
+        };
+        match self {
+            InstanceError::Init(CallError::Runtime(text)) => runtime_error_site(text),
+            InstanceError::NoHandler(_) | InstanceError::BadPlugin(_) => {
+                unplaced(crate::compile::MAIN_FILE, self.to_string())
+            }
+            InstanceError::Init(error) => unplaced("", format!("init failed: {error}")),
+            InstanceError::Setup(message) => unplaced("", message.clone()),
+        }
+    }
+}
+
+/// `file:line: rest` at the start of `text`, when `file` names a bundle file (`.lua`).
+fn split_site(text: &str) -> Option<(&str, u32, &str)> {
+    let (file, rest) = text.split_once(".lua:")?;
+    if file.is_empty() || file.contains(char::is_whitespace) || file.contains(['[', '"']) {
+        return None;
+    }
+    let (line, rest) = rest.split_once(':')?;
+    let line = line.parse().ok()?;
+    Some((&text[..file.len() + 4], line, rest.trim_start()))
+}
+
+/// The site and first line of a runtime error's message (with its traceback).
+fn runtime_error_site(text: &str) -> CompileError {
+    let text = text.strip_prefix("runtime error: ").unwrap_or(text);
+    let first = text.lines().next().unwrap_or_default();
+    if let Some((file, line, message)) = split_site(first) {
+        return CompileError {
+            file: file.to_string(),
+            line: Some(line),
+            message: message.to_string(),
+        };
+    }
+    // Traceback frames read `\tmain.lua:1: in function <main.lua:1>`, innermost first.
+    let frame = text
+        .lines()
+        .skip(1)
+        .find_map(|frame| split_site(frame.trim_start()));
+    CompileError {
+        file: frame.map_or_else(String::new, |(file, _, _)| file.to_string()),
+        line: frame.map(|(_, line, _)| line),
+        message: first.to_string(),
     }
 }
 
@@ -218,11 +277,24 @@ pub(crate) struct CallDeadline {
 }
 
 impl Instance {
-    /// Builds the state and runs the init phase under the function's limits.
+    /// Builds the state and runs the init phase under the function's limits. Its log
+    /// lines carry the request id `init` (see [`Instance::new_for`]).
     pub async fn new(
         engine: &Engine,
         function: &Arc<CompiledFunction>,
         spec: &InstanceSpec,
+    ) -> Result<Instance, InstanceError> {
+        Instance::new_for(engine, function, spec, INIT_REQUEST_ID).await
+    }
+
+    /// [`Instance::new`] for the call `request_id`, whose arrival made the instance: the
+    /// init's log lines (its `print`s, and why it failed) carry that id, the one the client
+    /// is told to look for when the init fails.
+    pub async fn new_for(
+        engine: &Engine,
+        function: &Arc<CompiledFunction>,
+        spec: &InstanceSpec,
+        request_id: &str,
     ) -> Result<Instance, InstanceError> {
         let sandbox = sandbox::build(SandboxSpec {
             engine,
@@ -260,22 +332,31 @@ impl Instance {
         };
         let init = sandbox.main;
         let result = instance
-            .run(|| init.call_async::<Value>(()), "init")
+            .run(|| init.call_async::<Value>(()), request_id)
             .await
             .map_err(InstanceError::Init)?;
-        if spec.kind == UnitKind::Plugin {
-            instance.entry =
-                Entry::Plugin(PluginPhases::from_value(result).map_err(InstanceError::BadPlugin)?);
-            return Ok(instance);
-        }
-        match result {
-            Value::Function(handler) => {
-                instance.entry = Entry::Handler(handler);
+        let entry = match (spec.kind, result) {
+            (UnitKind::Plugin, result) => PluginPhases::from_value(result)
+                .map(Entry::Plugin)
+                .map_err(InstanceError::BadPlugin),
+            (UnitKind::Function, Value::Function(handler)) => Ok(Entry::Handler(handler)),
+            // Lua has one number type; mlua reports integral ones as "integer".
+            (UnitKind::Function, Value::Integer(_)) => Err(InstanceError::NoHandler("number")),
+            (UnitKind::Function, other) => Err(InstanceError::NoHandler(other.type_name())),
+        };
+        match entry {
+            Ok(entry) => {
+                instance.entry = entry;
                 Ok(instance)
             }
-            // Lua has one number type; mlua reports integral ones as "integer".
-            Value::Integer(_) => Err(InstanceError::NoHandler("number")),
-            other => Err(InstanceError::NoHandler(other.type_name())),
+            Err(error) => {
+                // Lua errors were logged by `run`; a wrong return value is logged here.
+                instance.state.request_id.replace(Rc::from(request_id));
+                instance
+                    .emit_log
+                    .emit(crate::LogLevel::Error, &format!("init failed: {error}"));
+                Err(error)
+            }
         }
     }
 
@@ -1245,5 +1326,154 @@ mod tests {
             .err()
             .expect("init must fail");
         assert_eq!(error, InstanceError::NoHandler("number"));
+    }
+
+    async fn init_error(files: &[(&str, &str)], request_id: &str) -> (InstanceError, Vec<String>) {
+        let engine = Engine::new(&EngineConfig::default()).unwrap();
+        let mut source = FunctionSource::default();
+        for (path, text) in files {
+            source.files.insert(path.to_string(), text.to_string());
+        }
+        let compiled = Arc::new(compile(&source).unwrap());
+        let lines = Arc::new(Lines::default());
+        let error = Instance::new_for(
+            &engine,
+            &compiled,
+            &spec(Limits::default(), lines.clone()),
+            request_id,
+        )
+        .await
+        .err()
+        .expect("init must fail");
+        let log = lines.0.lock().clone();
+        (error, log)
+    }
+
+    /// A failed init names its file and line like a syntax error, whether Lua placed the
+    /// error (`io.write` on a nil `io`) or a built-in raised it (`require` of a missing
+    /// module: the position comes from the traceback), in main.lua or in a module.
+    #[tokio::test]
+    async fn a_failed_init_names_its_file_and_line() {
+        let site = |e: &InstanceError| {
+            let s = e.source_error();
+            (s.file, s.line, s.message)
+        };
+        let (error, _) = init_error(
+            &[(
+                "main.lua",
+                "local x = 1\nlocal m = require('missing')\nreturn function() end",
+            )],
+            "r",
+        )
+        .await;
+        let (file, line, message) = site(&error);
+        assert_eq!((file.as_str(), line), ("main.lua", Some(2)), "{message}");
+        assert!(
+            message.starts_with("module 'missing' not found"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "one line: {message}");
+
+        let (error, _) = init_error(
+            &[("main.lua", "\n\nio.write('x')\nreturn function() end")],
+            "r",
+        )
+        .await;
+        let (file, line, message) = site(&error);
+        assert_eq!((file.as_str(), line), ("main.lua", Some(3)), "{message}");
+        assert_eq!(message, "attempt to index nil with 'write'");
+
+        let (error, _) = init_error(
+            &[
+                (
+                    "main.lua",
+                    "local lib = require('lib.util')\nreturn function() end",
+                ),
+                ("lib/util.lua", "local t = {}\n\nerror({})\nreturn t"),
+            ],
+            "r",
+        )
+        .await;
+        let (file, line, message) = site(&error);
+        assert_eq!(
+            (file.as_str(), line),
+            ("lib/util.lua", Some(3)),
+            "{message}"
+        );
+
+        let (error, _) = init_error(&[("main.lua", "return 42")], "r").await;
+        assert_eq!(site(&error).0, "main.lua");
+        assert!(site(&error).2.contains("must return the handler"));
+    }
+
+    /// The init's failure is logged under the request id of the call that made the
+    /// instance (the id its client is given), whatever the way it failed.
+    #[tokio::test]
+    async fn a_failed_init_is_logged_with_its_request_id() {
+        let (_, log) = init_error(&[("main.lua", "error('boom')")], "req-7").await;
+        assert!(
+            log[0].starts_with("error [req-7]: call failed: runtime error: main.lua:1: boom"),
+            "{log:?}"
+        );
+        let (_, log) = init_error(&[("main.lua", "print('hi') return 42")], "req-8").await;
+        assert_eq!(log[0], "info [req-8]: hi");
+        assert!(
+            log[1].starts_with("error [req-8]: init failed: main.lua must return"),
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn error_sites_are_read_from_messages_and_tracebacks() {
+        assert_eq!(
+            split_site("main.lua:12: boom"),
+            Some(("main.lua", 12, "boom"))
+        );
+        assert_eq!(
+            split_site("lib/a-b.lua:1: x: y"),
+            Some(("lib/a-b.lua", 1, "x: y"))
+        );
+        assert_eq!(split_site("[string \"x.lua\"]:1: boom"), None);
+        assert_eq!(split_site("table: 0x1234"), None);
+        let site = runtime_error_site(
+            "runtime error: table: 0x1\nstack traceback:\n\t[C]: in function 'error'\n\tm.lua:4: in function <m.lua:1>",
+        );
+        assert_eq!(
+            (site.file.as_str(), site.line, site.message.as_str()),
+            ("m.lua", Some(4), "table: 0x1")
+        );
+    }
+
+    /// `_VERSION` is the 5.1 Luau is a dialect of, so libraries that branch on it take
+    /// their `setfenv` path (lua-resty-template: `load(code, name, "t", env)` on 5.2+,
+    /// `setfenv(loadstring(code), env)` on 5.1).
+    #[tokio::test]
+    async fn version_is_lua_5_1() {
+        let (instance, _) = instance_with(
+            r#"
+            local function compile(code, env)
+              if _VERSION == "Lua 5.1" then
+                local f = assert(loadstring(code))
+                return setfenv(f, env)
+              end
+              return assert(load(code, "t", "t", env))
+            end
+            local render = compile("return greeting .. ', ' .. name", { greeting = "Hello" })
+            return function(event)
+              getfenv(render).name = event.name
+              return { version = _VERSION, text = render() }
+            end"#,
+            Limits::default(),
+        )
+        .await;
+        let out = instance
+            .invoke_json(&serde_json::json!({"name": "Ada"}), "r")
+            .await
+            .unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"version": "Lua 5.1", "text": "Hello, Ada"})
+        );
     }
 }

@@ -48,7 +48,8 @@ pub use compile::{CompileError, CompiledFunction, FunctionSource, compile};
 pub use contract::{HttpRequest, HttpResponse, OutputError};
 pub use engine::{Engine, EngineConfig, FunctionEgress};
 pub use instance::{
-    CallError, CallStats, Instance, InstanceError, InstanceSpec, LogLevel, LogSink, UnitKind,
+    CallError, CallStats, INIT_REQUEST_ID, Instance, InstanceError, InstanceSpec, LogLevel,
+    LogSink, UnitKind,
 };
 pub use limits::Limits;
 

@@ -5,7 +5,8 @@ use std::time::Duration;
 /// The limits one function version runs under. Every instance of the version gets the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock budget of one call (init phase included for the first call).
+    /// Wall-clock budget of one call; an instance's init phase gets the same budget of its
+    /// own.
     pub timeout: Duration,
     /// Cap on the memory of one instance's Lua state, in bytes.
     pub memory_bytes: usize,

@@ -37,6 +37,9 @@ use crate::watchdog::InterruptSwitch;
 /// thread with.
 pub const TIMESLICE_MS: u64 = 2;
 
+/// What `_VERSION` reads in a tenant's state: the language Luau is a dialect of.
+pub const LUA_VERSION: &str = "Lua 5.1";
+
 /// The limit a call broke, recorded by the interrupt or the allocator before the error
 /// unwinds, so that a tenant catching the error with `pcall` does not hide it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +358,10 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     globals.raw_set("require", require_function(&lua, &spec, emit_log.clone())?)?;
     preempt::reserve_chunk_names(&lua)?;
     globals.raw_set("load", load_shim(&lua)?)?;
+    // Luau says "Luau 0.7xx"; libraries that branch on `_VERSION == "Lua 5.1"` would take
+    // their 5.2+ path and expect `_ENV`. Luau is a 5.1 dialect (`setfenv`, `unpack`,
+    // `loadstring`): say so. What differs from 5.1 is in docs/lua-api.md.
+    globals.raw_set("_VERSION", LUA_VERSION)?;
 
     // `os.getenv` reads the function's own environment (its secrets), nothing else.
     let env = spec.env.clone();
@@ -468,12 +475,13 @@ fn require_function(
 }
 
 /// Lua 5.2+'s `load(chunk [, chunkname [, mode [, env]]])` over Luau's text-only
-/// `loadstring`, so code written for newer Luas runs. Returns `nil, message` on error like
-/// the real one. Binary chunks are refused.
+/// `loadstring`, so code written for newer Luas runs. Returns `nil, message` (a string) on
+/// error like the real one, where `loadstring` raises. Binary chunks are refused.
 fn load_shim(lua: &Lua) -> mlua::Result<Function> {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     const SOURCE: &str = r#"
-local loadstring, setfenv, type, concat, pcall = loadstring, setfenv, type, table.concat, pcall
+local loadstring, setfenv, type, concat, pcall, tostring, gsub =
+  loadstring, setfenv, type, table.concat, pcall, tostring, string.gsub
 return function(chunk, chunkname, mode, env)
   if type(chunk) == "function" then
     local parts = {}
@@ -491,7 +499,8 @@ return function(chunk, chunkname, mode, env)
     return nil, "attempt to load a text chunk (mode is '" .. mode .. "')"
   end
   local ok, fn = pcall(loadstring, chunk, chunkname or "=(load)")
-  if not ok then return nil, fn end
+  -- Luau's loadstring raises (an error object): `load` returns the message, a string.
+  if not ok then return nil, (gsub(tostring(fn), "^syntax error: ", "")) end
   if env ~= nil then setfenv(fn, env) end
   return fn
 end

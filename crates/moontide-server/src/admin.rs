@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
-use moontide_runtime::{FunctionSource, compile};
+use moontide_runtime::{CallError, FunctionSource, InstanceError, InstanceSpec, UnitKind, compile};
 use moontide_store::{Compare, Op, Store};
 use serde::Deserialize;
 use serde_json::json;
@@ -26,7 +26,7 @@ use crate::errors::ApiError;
 use crate::gateway::admin as gateway;
 use crate::records::{self, FunctionRecord, VersionRecord};
 use crate::registry::Registry;
-use crate::worker::{Job, Workers};
+use crate::worker::{DEPLOY_CHECK_VERSION, Job, Workers};
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -255,6 +255,68 @@ pub(crate) fn compile_failure(path: String, errors: &[moontide_runtime::CompileE
     }))
 }
 
+/// How much longer than the unit's own timeout the admin waits for an init check: the
+/// timeout ends the init on its worker; this only bounds the handler if it did not.
+const INIT_CHECK_SLACK: Duration = Duration::from_secs(5);
+
+/// Runs a unit's init once on the long-call worker ([`Job::CheckInit`]) under the unit's
+/// own limits, and returns the phases it defines (none for a function) or why it failed
+/// (see [`init_failure`]). Lua runs only on workers; the handler only waits, so other
+/// admin requests go on.
+pub(crate) async fn check_init(
+    state: &AdminState,
+    compiled: Arc<moontide_runtime::CompiledFunction>,
+    spec: InstanceSpec,
+) -> Result<Result<moontide_runtime::plugin::Phases, InstanceError>, ApiError> {
+    let limits = spec.limits;
+    let (reply, checked) = oneshot::channel();
+    state.workers.check_init(Job::CheckInit {
+        compiled,
+        spec,
+        reply,
+    })?;
+    match tokio::time::timeout(limits.timeout + INIT_CHECK_SLACK, checked).await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(_)) => Err(ApiError::internal("the worker dropped the init check")),
+        Err(_) => Ok(Err(InstanceError::Init(CallError::Timeout))),
+    }
+}
+
+/// 400 `init_error`: the unit's module-level code failed (or broke a limit, or returned
+/// what the unit must not) when run once at deploy. Same shape as [`compile_failure`]
+/// (`path`: the request field of the file that failed, from its file name), plus the
+/// error's `kind`.
+pub(crate) fn init_failure(
+    error: &InstanceError,
+    limits: &moontide_runtime::Limits,
+    path: impl Fn(&str) -> String,
+) -> ApiError {
+    if let InstanceError::Setup(message) = error {
+        return ApiError::internal(format!("could not create an instance: {message}"));
+    }
+    let mut site = error.source_error();
+    match error {
+        InstanceError::Init(CallError::Timeout) => {
+            site.message = format!(
+                "init timed out: module-level code must finish within the timeout ({} ms)",
+                limits.timeout.as_millis()
+            );
+        }
+        InstanceError::Init(CallError::MemoryLimit) => {
+            site.message = format!(
+                "init exceeded the memory limit ({} bytes)",
+                limits.memory_bytes
+            );
+        }
+        _ => {}
+    }
+    ApiError::new(StatusCode::BAD_REQUEST, "init_error", site.to_string()).with_details(json!({
+        "path": path(&site.file),
+        "kind": error.kind(),
+        "errors": [{"file": site.file, "line": site.line, "message": site.message}],
+    }))
+}
+
 pub(crate) fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
     (status, axum::Json(value)).into_response()
 }
@@ -410,36 +472,51 @@ async fn deploy(
         return Err(ApiError::invalid(errors));
     }
     let source = FunctionSource { files };
-    if let Err(compile_errors) = compile(&source) {
-        let path = if source_path == "source" {
-            "source".to_string()
-        } else {
-            format!("files.{}", compile_errors[0].file)
-        };
-        return Err(compile_failure(path, &compile_errors));
+    let field = |file: &str| match (source_path, file) {
+        ("source", _) | (_, "") => source_path.to_string(),
+        (_, file) => format!("files.{file}"),
+    };
+    let compiled = compile(&source).map_err(|compile_errors| {
+        compile_failure(field(&compile_errors[0].file), &compile_errors)
+    })?;
+    let sha256 = records::source_digest(&source.files);
+
+    // Deploying what already serves is a no-op (no new version burns retention, no init
+    // runs): this is what makes `moontide apply` idempotent.
+    let head = read_head(&*state.store, &name).await?;
+    if let Some(unchanged) = unchanged(&state, &name, head.as_ref(), &sha256, &config).await? {
+        return Ok(unchanged);
+    }
+    // The init runs once now, on a worker, under the version's own limits: code whose
+    // module level fails would answer every call with a 500. Not a version yet: it runs
+    // as version 0 (its log lines, and the flight recorder should it crash the node).
+    let spec = InstanceSpec {
+        function_name: Arc::from(name.as_str()),
+        version: DEPLOY_CHECK_VERSION,
+        limits: config.limits(),
+        env: Arc::new(config.env.clone()),
+        log: Arc::new(crate::logs::VersionLogSink {
+            log: state.registry.logs.function(&name),
+            version: DEPLOY_CHECK_VERSION,
+        }),
+        kind: UnitKind::Function,
+        egress: config.egress(),
+    };
+    let limits = spec.limits;
+    if let Err(error) = check_init(&state, Arc::new(compiled), spec).await? {
+        // A function never deployed keeps no log (the refusal carries the error).
+        if read_head(&*state.store, &name).await?.is_none() {
+            state.registry.logs.remove(&name);
+        }
+        return Err(init_failure(&error, &limits, field));
     }
 
     // Optimistic concurrency on the head record: a racing deploy retries.
     for _ in 0..8 {
         let now = records::now_ms();
         let head = read_head(&*state.store, &name).await?;
-        // Deploying what already serves is a no-op (no new version burns retention): this
-        // is what makes `moontide apply` idempotent.
-        let sha256 = records::source_digest(&source.files);
-        if let Some((record, _)) = &head
-            && let Some(kv) = state
-                .store
-                .get(&records::version_key(&name, record.active_version))
-                .await?
-            && let Ok(active) = serde_json::from_slice::<VersionRecord>(&kv.value)
-            && active.sha256 == sha256
-            && active.config == config
-        {
-            return Ok(json_response(
-                StatusCode::OK,
-                json!({"name": name, "version": active.version, "unchanged": true,
-                       "revision": kv.mod_revision}),
-            ));
+        if let Some(unchanged) = unchanged(&state, &name, head.as_ref(), &sha256, &config).await? {
+            return Ok(unchanged);
         }
         let (created_at_ms, next_version, head_revision) = match &head {
             Some((record, revision)) => {
@@ -507,6 +584,36 @@ async fn deploy(
         "conflict",
         "the function kept changing while deploying; try again",
     ))
+}
+
+/// `200 {unchanged: true}` when `sha256` and `config` are what the active version serves.
+async fn unchanged(
+    state: &AdminState,
+    name: &str,
+    head: Option<&(FunctionRecord, u64)>,
+    sha256: &str,
+    config: &crate::api::FunctionConfig,
+) -> Result<Option<Response>, ApiError> {
+    let Some((record, _)) = head else {
+        return Ok(None);
+    };
+    let Some(kv) = state
+        .store
+        .get(&records::version_key(name, record.active_version))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<VersionRecord>(&kv.value)
+        .ok()
+        .filter(|active| active.sha256 == sha256 && active.config == *config)
+        .map(|active| {
+            json_response(
+                StatusCode::OK,
+                json!({"name": name, "version": active.version, "unchanged": true,
+                       "revision": kv.mod_revision}),
+            )
+        }))
 }
 
 async fn remove_function(

@@ -47,7 +47,7 @@ use crate::gateway::proxy::{Downstream, Exchange, LocalUpstreams, upgrade_protoc
 use crate::metrics::Shed;
 use crate::pool::{AcquireError, LocalPools};
 use crate::registry::{DeployedFunction, Registry, Snapshot};
-use crate::worker::{InvokeOutput, Job};
+use crate::worker::{DEPLOY_CHECK_ID, InvokeOutput, Job};
 
 /// A response body: a function's (whole) or an upstream's (streamed, with a timeout on
 /// each wait for more).
@@ -768,7 +768,7 @@ impl Worker {
         let request_id = request.request_id.as_str();
         let lease = self
             .pools
-            .acquire(&self.engine, function)
+            .acquire(&self.engine, function, request_id)
             .await
             .map_err(|error| acquire_failure(function, error, request_id))?;
         let parameters = request.path_parameters();
@@ -868,12 +868,13 @@ impl Worker {
                 let result = self.run_http(&function, &request).await;
                 let _ = reply.send(result);
             }
-            Job::CheckPlugin {
+            Job::CheckInit {
                 compiled,
                 spec,
                 reply,
             } => {
-                let instance = Instance::new(&self.engine, &compiled, &spec).await;
+                let instance =
+                    Instance::new_for(&self.engine, &compiled, &spec, DEPLOY_CHECK_ID).await;
                 let _ = reply.send(instance.map(|instance| instance.phases()));
             }
         }
@@ -892,7 +893,7 @@ impl Worker {
         function.metrics.invoke_requests.inc();
         let lease = self
             .pools
-            .acquire(&self.engine, &function)
+            .acquire(&self.engine, &function, request_id)
             .await
             .map_err(|error| acquire_failure(&function, error, request_id))?;
         let instance = lease.instance();

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use moontide_runtime::{Engine, Instance, InstanceError};
+use moontide_runtime::{Engine, INIT_REQUEST_ID, Instance, InstanceError};
 use tokio::sync::{Notify, oneshot};
 
 pub use crate::autoscale::TICK;
@@ -236,11 +236,14 @@ enum Refused {
 
 /// Creates an instance in a slot already reserved (function `live` and node budget at
 /// `bytes`), counting it; a failure gives the slot back.
+/// `request_id` is the call that asked for it (`init` when none did): the init's log lines
+/// carry it.
 async fn cold_start(
     engine: &Engine,
     function: &Arc<DeployedFunction>,
     bytes: usize,
     why: ScaleUp,
+    request_id: &str,
 ) -> Result<Rc<Warm>, InstanceError> {
     let shared = &function.pool;
     function.metrics.instances.inc();
@@ -251,7 +254,7 @@ async fn cold_start(
         taken: false,
     };
     let started = Instant::now();
-    let created = Instance::new(engine, &function.compiled, &function.spec).await;
+    let created = Instance::new_for(engine, &function.compiled, &function.spec, request_id).await;
     slot.taken = true;
     match created {
         Ok(instance) => {
@@ -629,11 +632,13 @@ impl LocalPools {
         f(pool)
     }
 
-    /// Leases an instance of `function`: idle, new, or after a bounded wait.
+    /// Leases an instance of `function` for the call `request_id`: idle, new, or after a
+    /// bounded wait. An instance created for it logs its init under that id.
     pub async fn acquire(
         self: &Rc<Self>,
         engine: &Engine,
         function: &Arc<DeployedFunction>,
+        request_id: &str,
     ) -> Result<Lease, AcquireError> {
         if let Some(record) = &function.quarantine {
             return Err(AcquireError::Quarantined(record.clone()));
@@ -660,7 +665,9 @@ impl LocalPools {
             pools: self,
             function,
         };
-        let share = self.acquire_share(engine, function, now).await?;
+        let share = self
+            .acquire_share(engine, function, now, request_id)
+            .await?;
         demand.served();
         Ok(lease(share))
     }
@@ -672,6 +679,7 @@ impl LocalPools {
         engine: &Engine,
         function: &Arc<DeployedFunction>,
         started: Instant,
+        request_id: &str,
     ) -> Result<Rc<Warm>, AcquireError> {
         let shared = &function.pool;
         let config = &function.config;
@@ -694,7 +702,7 @@ impl LocalPools {
             let refused = match self.reserve(function, true) {
                 Ok(bytes) => {
                     observe_wait(waited);
-                    let warm = cold_start(engine, function, bytes, ScaleUp::Demand)
+                    let warm = cold_start(engine, function, bytes, ScaleUp::Demand, request_id)
                         .await
                         .map_err(AcquireError::Init)?;
                     // The new instance's other shares go to calls queued here meanwhile.
@@ -933,7 +941,7 @@ impl LocalPools {
             let Ok(bytes) = self.reserve_below(function, limit, false) else {
                 return;
             };
-            match cold_start(engine, function, bytes, why).await {
+            match cold_start(engine, function, bytes, why, INIT_REQUEST_ID).await {
                 Ok(warm) => self.release(function, warm, Returned::New),
                 Err(error) => {
                     function.metrics.error(error.kind());

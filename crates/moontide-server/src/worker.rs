@@ -46,14 +46,23 @@ pub enum Job {
         request: Box<OwnedRequest>,
         reply: oneshot::Sender<Result<HttpResponse, ApiError>>,
     },
-    /// Creates a plugin instance once (its init) to check what its `main.lua` returns
-    /// (the admin API's `PUT /v1/plugins/{name}`); the instance is then dropped.
-    CheckPlugin {
+    /// Creates one instance of a unit being deployed — a function version or a plugin —
+    /// to check that its init runs and returns what the unit must (a handler, a table of
+    /// phases), under the unit's own limits, before the admin API stores it; the instance
+    /// is then dropped. Its log lines carry the request id [`DEPLOY_CHECK_ID`]. Sent to the
+    /// long-call worker ([`Workers::check_init`]).
+    CheckInit {
         compiled: Arc<CompiledFunction>,
         spec: InstanceSpec,
         reply: oneshot::Sender<Result<Phases, InstanceError>>,
     },
 }
+
+/// The request id of a deploy's init check in the function's log.
+pub const DEPLOY_CHECK_ID: &str = "deploy";
+/// The version a deploy's init check runs as (the unit is not a version yet; plugins have
+/// none).
+pub const DEPLOY_CHECK_VERSION: u64 = 0;
 
 /// A direct invocation's result.
 pub struct InvokeOutput {
@@ -68,6 +77,9 @@ pub const LONG_CALL_WORKER_NICE: i32 = 5;
 /// Handles to the worker threads.
 pub struct Workers {
     jobs: Vec<mpsc::UnboundedSender<Job>>,
+    /// The long-call worker's queue. Weak: the worker stops when the I/O workers (which
+    /// hold the strong senders) have stopped.
+    long_calls: mpsc::WeakUnboundedSender<Job>,
     next: AtomicUsize,
     threads: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -134,9 +146,11 @@ impl Workers {
                 },
             )?);
         }
+        let weak_long_calls = long_calls.downgrade();
         drop(long_calls);
         Ok(Workers {
             jobs,
+            long_calls: weak_long_calls,
             next: AtomicUsize::new(0),
             threads: parking_lot::Mutex::new(threads),
         })
@@ -148,6 +162,18 @@ impl Workers {
         self.jobs[index]
             .send(job)
             .map_err(|_| ApiError::internal("workers are shutting down"))
+    }
+
+    /// Sends a deploy's init check ([`Job::CheckInit`]) to the long-call worker: the
+    /// thread meant for code that may hold it (niced, no listener), so an init that spins
+    /// inside one C call until its timeout stalls no I/O worker's connections.
+    pub fn check_init(&self, job: Job) -> Result<(), ApiError> {
+        let stopped = || ApiError::internal("workers are shutting down");
+        self.long_calls
+            .upgrade()
+            .ok_or_else(stopped)?
+            .send(job)
+            .map_err(|_| stopped())
     }
 
     /// Waits for every worker thread to finish (after shutdown was signalled).

@@ -197,18 +197,23 @@ impl Client {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        if value["error"]["code"] == "compile_error" {
+        // A syntax error, or module-level code that failed when run once at deploy.
+        if value["error"]["code"] == "compile_error" || value["error"]["code"] == "init_error" {
             for error in value["error"]["details"]["errors"]
                 .as_array()
                 .into_iter()
                 .flatten()
             {
-                let file = local_name(error["file"].as_str().unwrap_or("main.lua"));
+                let message = error["message"].as_str().unwrap_or("");
+                // A broken limit (an init that timed out) names no file.
+                let Some(file) = error["file"].as_str().filter(|f| !f.is_empty()) else {
+                    eprintln!("{}: {message}", path.display());
+                    continue;
+                };
+                let file = local_name(file);
                 match error["line"].as_u64() {
-                    Some(line) => {
-                        eprintln!("{file}:{line}: {}", error["message"].as_str().unwrap_or(""))
-                    }
-                    None => eprintln!("{file}: {}", error["message"].as_str().unwrap_or("")),
+                    Some(line) => eprintln!("{file}:{line}: {message}"),
+                    None => eprintln!("{file}: {message}"),
                 }
             }
             eprintln!("error: {name} was not deployed; the running version keeps serving");

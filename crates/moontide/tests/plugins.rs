@@ -457,7 +457,6 @@ async fn bad_plugins_and_plugin_lists_are_refused_with_their_paths() {
             "phase 'access' must be a function",
         ),
         ("return {}", "defines no phase"),
-        ("error('no init for you')", "no init for you"),
     ] {
         let (status, body) = put(&node, "/v1/plugins/bad", json!({"source": source})).await;
         assert_eq!(status, 400, "{source}: {body}");
@@ -466,6 +465,18 @@ async fn bad_plugins_and_plugin_lists_are_refused_with_their_paths() {
         assert_eq!(path, "source", "{source}");
         assert!(message.contains(expected), "{source}: {message}");
     }
+    // An init that fails is refused like a function's: `init_error`, file and line.
+    let (status, body) = put(
+        &node,
+        "/v1/plugins/bad",
+        json!({"source": "local x = 1\nerror('no init for you')"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (code, path, message) = refused(&body);
+    assert_eq!((code.as_str(), path.as_str()), ("init_error", "source"));
+    assert_eq!(message, "main.lua:2: no init for you");
+    assert_eq!(body["error"]["details"]["errors"][0]["line"], 2);
     let (status, _) = node
         .admin_json(reqwest::Method::GET, "/v1/plugins/bad", None)
         .await;

@@ -15,20 +15,19 @@ use axum::response::{IntoResponse, Response};
 use moontide_store::{Compare, Op};
 use serde_json::json;
 
-use moontide_runtime::{CallError, FunctionSource, InstanceError, InstanceSpec, UnitKind, compile};
-use tokio::sync::oneshot;
+use moontide_runtime::{FunctionSource, InstanceError, InstanceSpec, UnitKind, compile};
 
 use super::config::{RouteConfig, RouteInput, RouteTarget, UpstreamConfig, UpstreamInput};
 use crate::admin::{
-    AdminState, LogsQueryInput, SERVE_WAIT, compile_failure, json_response, log_response,
-    parse_body,
+    AdminState, LogsQueryInput, SERVE_WAIT, check_init, compile_failure, init_failure,
+    json_response, log_response, parse_body,
 };
 use crate::api::{FieldError, PluginInput};
 use crate::errors::ApiError;
 use crate::logs::VersionLogSink;
 use crate::records::{self, PluginRecord};
 use crate::registry::plugin_label;
-use crate::worker::Job;
+use crate::worker::DEPLOY_CHECK_VERSION;
 
 type Shared = State<Arc<AdminState>>;
 
@@ -437,31 +436,26 @@ pub async fn put_plugin(
         files: files.clone(),
     })
     .map_err(|errors| compile_failure("source".into(), &errors))?;
-    // Run the init once, in the sandbox, on a worker (Lua runs only there), to check the
-    // table it returns. Its errors also go to the plugin's log.
+    // Run the init once, in the sandbox, on the long-call worker (Lua runs only on
+    // workers), to check that it runs and the table it returns. Its errors also go to the
+    // plugin's log.
     let label = plugin_label(&name);
     let spec = InstanceSpec {
         function_name: Arc::from(label.as_str()),
-        version: 0,
+        version: DEPLOY_CHECK_VERSION,
         limits: config.limits(),
         env: Arc::new(config.env.clone()),
         log: Arc::new(VersionLogSink {
             log: state.registry.logs.function(&label),
-            version: 0,
+            version: DEPLOY_CHECK_VERSION,
         }),
         kind: UnitKind::Plugin,
         egress: config.egress(),
     };
-    let (reply, checked) = oneshot::channel();
-    state.workers.submit(Job::CheckPlugin {
-        compiled: Arc::new(compiled),
-        spec,
-        reply,
-    })?;
-    let phases = checked
-        .await
-        .map_err(|_| ApiError::internal("the worker dropped the plugin check"))?
-        .map_err(plugin_rejected)?;
+    let limits = spec.limits;
+    let phases = check_init(&state, Arc::new(compiled), spec)
+        .await?
+        .map_err(|error| plugin_rejected(&error, &limits))?;
     let record = PluginRecord {
         sha256: records::source_digest(&files),
         source,
@@ -482,19 +476,13 @@ pub async fn put_plugin(
     ))
 }
 
-/// Why a plugin's init refused it, as a 400 on `source`.
-fn plugin_rejected(error: InstanceError) -> ApiError {
+/// Why a plugin's init refused it: a return value that is not a table of phases is a 400
+/// `invalid_request` on `source`; a failed init a 400 `init_error` (file and line).
+fn plugin_rejected(error: &InstanceError, limits: &moontide_runtime::Limits) -> ApiError {
     let message = match error {
-        InstanceError::BadPlugin(message) => message,
-        InstanceError::Init(CallError::Runtime(message)) => {
-            let first = message.lines().next().unwrap_or_default();
-            format!("the plugin's module-level code failed: {first}")
-        }
-        InstanceError::Init(error) => format!("the plugin's module-level code failed: {error}"),
+        InstanceError::BadPlugin(message) => message.clone(),
         InstanceError::NoHandler(_) => "the plugin must return a table of phases".into(),
-        InstanceError::Setup(message) => {
-            return ApiError::internal(format!("could not create a plugin instance: {message}"));
-        }
+        _ => return init_failure(error, limits, |_| "source".to_string()),
     };
     ApiError::invalid(vec![FieldError::new("source", message)])
 }

@@ -69,7 +69,7 @@ impl Chain {
                 .with_details(serde_json::json!({"request_id": request_id})));
             };
             let lease = pools
-                .acquire(engine, &plugin.unit)
+                .acquire(engine, &plugin.unit, request_id)
                 .await
                 .map_err(|error| acquire_failure(&plugin, error, request_id))?;
             let ctx = lease
