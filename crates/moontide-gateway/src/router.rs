@@ -59,8 +59,10 @@
 //!   (`api.example.com`) matches that host. `*.example.com` matches any host that ends in
 //!   `.example.com` with at least one label before it, but not `example.com` itself. A request
 //!   without a host matches only routes with no `hosts`.
-//! - **Path.** The path is matched *raw*: it is not percent-decoded, so `/a%2Fb` is the single
-//!   segment `a%2Fb`, and a pattern must spell encoded characters the way clients send them. An
+//! - **Path.** The path is matched as given: the router does not decode or normalise it. The
+//!   data plane hands it the normal form ([`crate::path::normalize`]: unreserved characters
+//!   decoded, other encodings uppercased, dot segments removed, slashes merged), so a pattern
+//!   must be written in that form (`/a%3Ab`, not `/a%3ab` or `/a/./b`) to match anything. An
 //!   empty path is `/`; a path that does not start with `/` (such as the `*` of `OPTIONS *`)
 //!   matches nothing. Patterns:
 //!   - `/exact` matches only `/exact`. The trailing slash counts: `/a` does not match `/a/`, and
