@@ -192,7 +192,10 @@ mod tests {
         ("", Ok("")),
         ("*", Ok("*")),
         // Dot segments.
-        ("/api/public/../private/secret.txt", Ok("/api/private/secret.txt")),
+        (
+            "/api/public/../private/secret.txt",
+            Ok("/api/private/secret.txt"),
+        ),
         ("/api/./private/secret.txt", Ok("/api/private/secret.txt")),
         ("/a/b/..", Ok("/a/")),
         ("/a/b/.", Ok("/a/b/")),
@@ -209,9 +212,18 @@ mod tests {
         ("/a//..", Ok("/")),
         // Percent-encodings.
         ("/api/%70rivate/secret.txt", Ok("/api/private/secret.txt")),
-        ("/api/public/%2e%2e/private/secret.txt", Ok("/api/private/secret.txt")),
-        ("/api/public/%2E%2E/private/secret.txt", Ok("/api/private/secret.txt")),
-        ("/api/public/.%2e/private/secret.txt", Ok("/api/private/secret.txt")),
+        (
+            "/api/public/%2e%2e/private/secret.txt",
+            Ok("/api/private/secret.txt"),
+        ),
+        (
+            "/api/public/%2E%2E/private/secret.txt",
+            Ok("/api/private/secret.txt"),
+        ),
+        (
+            "/api/public/.%2e/private/secret.txt",
+            Ok("/api/private/secret.txt"),
+        ),
         ("/api/%2e/private/secret.txt", Ok("/api/private/secret.txt")),
         ("/%41%7a%30%2D%5f%7E", Ok("/Az0-_~")),
         ("/a%20b%3ac", Ok("/a%20b%3Ac")),
