@@ -181,7 +181,7 @@ mod tests {
 
     use PathRejection::*;
 
-    /// Input → normal form, or the rejection. The table in `docs/paths.md` is this one.
+    /// Input → normal form, or the rejection (`docs/edge.md` shows these cases).
     const CASES: &[(&str, Result<&str, PathRejection>)] = &[
         // Already normal: returned as it is.
         ("/", Ok("/")),
@@ -207,6 +207,8 @@ mod tests {
         ("/a/../..", Err(AboveRoot)),
         // Merged slashes.
         ("/api//private/secret.txt", Ok("/api/private/secret.txt")),
+        ("//api/private/secret.txt", Ok("/api/private/secret.txt")),
+        ("/api/../secret.txt", Ok("/secret.txt")),
         ("//api///x//", Ok("/api/x/")),
         ("//", Ok("/")),
         ("/a//..", Ok("/")),
