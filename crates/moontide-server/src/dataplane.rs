@@ -928,6 +928,7 @@ impl Worker {
 /// request needs exactly one `Host` and no request may have two (`400`, RFC 9112 §3.2); a
 /// path the normal form refuses is `400`. From here on, routing, functions, plugins and
 /// the upstream all see the normalised path.
+// The refusal is the response itself, built once on a cold path: boxing it buys nothing.
 #[allow(clippy::result_large_err)]
 fn admit_at_edge<B>(request: &mut Request<B>) -> Result<(), Response<Full<Bytes>>> {
     let http1 = request.version() <= http::Version::HTTP_11;
