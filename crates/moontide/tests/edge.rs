@@ -565,3 +565,40 @@ async fn connect_is_refused_and_the_connection_closed() {
         }
     }
 }
+
+/// Catches: a route pattern that no normalised request path can match accepted silently
+/// (it would guard nothing): the admin API refuses it and names its normal form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_patterns_that_no_request_can_match_are_refused() {
+    let (node, _backend) = files_node().await;
+    for (pattern, says) in [
+        ("/api/%70rivate/*", "write `/api/private/*`"),
+        ("/api/./private/*", "write `/api/private/*`"),
+        ("/api/a%3ab", "write `/api/a%3Ab`"),
+        ("/api/a%2Fb", "encoded `/`"),
+    ] {
+        let (status, body) = node
+            .admin_json(
+                reqwest::Method::PUT,
+                "/v1/routes/odd",
+                Some(json!({"paths": [pattern], "upstream": "files"})),
+            )
+            .await;
+        assert_eq!(status, 400, "{pattern}: {body}");
+        assert_eq!(body["error"]["details"]["path"], "paths[0]", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{pattern}: {message}");
+    }
+    let (status, body) = node
+        .admin_json(
+            reqwest::Method::PUT,
+            "/v1/functions/routed",
+            Some(
+                json!({"source": "return function() return {statusCode = 200} end",
+                        "config": {"route": "/a/../b"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["details"]["path"], "config.route", "{body}");
+}
