@@ -57,28 +57,42 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathRejection> {
     remove_dot_segments(&decoded).map(Cow::Owned)
 }
 
-/// Whether `path` (starting with `/`) is already in normal form: no `%`, no `\`, no `//`,
-/// no `.` or `..` segment. One pass, no allocation.
+/// Whether `path` (starting with `/`) is already in normal form: no `%`, no `\\`, no `//`,
+/// no `.` or `..` segment. No allocation; branch-free passes over the bytes (which the
+/// compiler vectorises), then a closer look only where a segment starts with `.`.
 pub fn is_normal(path: &str) -> bool {
     let bytes = path.as_bytes();
-    for (at, &byte) in bytes.iter().enumerate() {
-        match byte {
-            b'%' | b'\\' => return false,
-            b'/' => match bytes.get(at + 1) {
-                Some(b'/') => return false,
-                Some(b'.') => {
-                    let segment = &bytes[at + 1..];
-                    let end = segment
-                        .iter()
-                        .position(|&b| b == b'/')
-                        .unwrap_or(segment.len());
-                    if matches!(&segment[..end], b"." | b"..") {
-                        return false;
-                    }
-                }
-                _ => {}
-            },
-            _ => {}
+    let mut escaped = false;
+    for &byte in bytes {
+        escaped |= (byte == b'%') | (byte == b'\\');
+    }
+    let mut slash_then_slash_or_dot = false;
+    for pair in bytes.windows(2) {
+        slash_then_slash_or_dot |= (pair[0] == b'/') & ((pair[1] == b'/') | (pair[1] == b'.'));
+    }
+    if escaped {
+        return false;
+    }
+    if !slash_then_slash_or_dot {
+        return true;
+    }
+    // Rare: a `//`, or a segment that starts with `.` (`/.well-known`, `/../`).
+    for (at, pair) in bytes.windows(2).enumerate() {
+        if pair[0] != b'/' {
+            continue;
+        }
+        if pair[1] == b'/' {
+            return false;
+        }
+        if pair[1] == b'.' {
+            let segment = &bytes[at + 1..];
+            let end = segment
+                .iter()
+                .position(|&b| b == b'/')
+                .unwrap_or(segment.len());
+            if matches!(&segment[..end], b"." | b"..") {
+                return false;
+            }
         }
     }
     true
