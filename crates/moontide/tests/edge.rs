@@ -348,6 +348,27 @@ async fn every_spelling_of_a_guarded_path_meets_its_plugin() {
             );
         }
     }
+
+    // The plugin's `log` phase (which runs after each response) saw the routed path too.
+    let expected = 2 * BOTH.len() * PRIVATE_SPELLINGS.len();
+    let lines = timeout(WAIT, async {
+        loop {
+            let lines = node.plugin_log_messages("key-auth").await;
+            if lines.len() >= expected {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every request's log line");
+    for line in &lines {
+        assert!(
+            line == "served GET /api/private/secret.txt 401"
+                || line == "served GET /api/private/secret.txt 200",
+            "req.path in the plugin: {line}"
+        );
+    }
 }
 
 /// Catches: the normal form routed but the raw target forwarded (or the reverse), the
