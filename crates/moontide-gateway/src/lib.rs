@@ -7,4 +7,5 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod path;
 pub mod router;

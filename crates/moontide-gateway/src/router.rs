@@ -59,8 +59,11 @@
 //!   (`api.example.com`) matches that host. `*.example.com` matches any host that ends in
 //!   `.example.com` with at least one label before it, but not `example.com` itself. A request
 //!   without a host matches only routes with no `hosts`.
-//! - **Path.** The path is matched *raw*: it is not percent-decoded, so `/a%2Fb` is the single
-//!   segment `a%2Fb`, and a pattern must spell encoded characters the way clients send them. An
+//! - **Path.** The path is matched as given: the router does not decode or normalise it. The
+//!   data plane hands it the normal form ([`crate::path::normalize`]: unreserved characters
+//!   decoded, other encodings uppercased, dot segments removed, slashes merged), so a pattern
+//!   must be written in that form (`/a%3Ab`, not `/a%3ab` or `/a/./b`): validation refuses
+//!   one that is not, naming its normal form. An
 //!   empty path is `/`; a path that does not start with `/` (such as the `*` of `OPTIONS *`)
 //!   matches nothing. Patterns:
 //!   - `/exact` matches only `/exact`. The trailing slash counts: `/a` does not match `/a/`, and
@@ -1076,11 +1079,16 @@ fn parse_pattern(raw: &str) -> Result<Pattern, Vec<String>> {
             c if c.is_whitespace() || c.is_control() => {
                 say("contains whitespace or a control character".into())
             }
-            '?' => say("contains `?`: the query string is not part of the path (match it with `query`)".into()),
+            '?' => say(
+                "contains `?`: the query string is not part of the path (match it with `query`)"
+                    .into(),
+            ),
             '#' => say("contains `#`: a fragment is never sent to the server".into()),
-            '{' | '}' => say("contains `{` or `}`: params are written `:name`, not `{name}`".into()),
+            '{' | '}' => {
+                say("contains `{` or `}`: params are written `:name`, not `{name}`".into())
+            }
             c if !c.is_ascii() => say(
-                "contains a non-ASCII character: paths are matched raw, so write it percent-encoded"
+                "contains a non-ASCII character: write it percent-encoded, as clients send it"
                     .into(),
             ),
             _ => {}
@@ -1130,6 +1138,22 @@ fn parse_pattern(raw: &str) -> Result<Pattern, Vec<String>> {
     }
     if !messages.is_empty() {
         return Err(messages);
+    }
+    // Requests are routed on their normal form (`crate::path`), so a pattern in another
+    // form would never match.
+    match crate::path::normalize(raw) {
+        Ok(normal) if normal != raw => {
+            return Err(vec![format!(
+                "is not in normal form, so no request would match it (request paths are \
+                 normalised before routing): write `{normal}`"
+            )]);
+        }
+        Err(rejection) => {
+            return Err(vec![format!(
+                "no request can match it: requests whose path has this are refused ({rejection})"
+            )]);
+        }
+        Ok(_) => {}
     }
     let rank = PathRank::of(&segments, prefix.is_some());
     Ok(Pattern {
@@ -1279,9 +1303,9 @@ mod tests {
                 "/u/1/x",
                 Some(("x", &[("id", "1"), ("rest", "x")])),
             ),
-            // Raw matching: percent-encoding is not decoded.
-            ("/a%2Fb", "/a%2Fb", Some(("", &[]))),
-            ("/a%2Fb", "/a/b", None),
+            // The router matches what it is given (the server gives it the normal form).
+            ("/a%3Ab", "/a%3Ab", Some(("", &[]))),
+            ("/a%3Ab", "/a:b", None),
             ("/a/b", "/a%2Fb", None),
             ("/:name", "/caf%C3%A9", Some(("", &[("name", "caf%C3%A9")]))),
             // A colon inside a segment is literal.
@@ -1805,6 +1829,12 @@ mod tests {
             (paths(&["/users/{id}"]), vec![("paths[0]", ":name")]),
             (paths(&["/café"]), vec![("paths[0]", "percent-encoded")]),
             (paths(&["/a//b"]), vec![("paths[0]", "empty segment")]),
+            (paths(&["/%7Euser"]), vec![("paths[0]", "write `/~user`")]),
+            (paths(&["/a%3ab"]), vec![("paths[0]", "write `/a%3Ab`")]),
+            (paths(&["/a/./b/*"]), vec![("paths[0]", "write `/a/b/*`")]),
+            (paths(&["/a/../b"]), vec![("paths[0]", "write `/b`")]),
+            (paths(&["/a%2Fb"]), vec![("paths[0]", "encoded `/`")]),
+            (paths(&["/a\\b"]), vec![("paths[0]", "`\\`")]),
             (
                 paths(&["/a", "/a"]),
                 vec![("paths[1]", "duplicate of paths[0]")],
@@ -1966,7 +1996,8 @@ mod tests {
                 "/a/:b/",
                 "/a/:b/*c",
                 "/v1/x:batch",
-                "/%7Euser",
+                "/~user",
+                "/a%3Ab%20c",
             ]),
             with_hosts(
                 &[

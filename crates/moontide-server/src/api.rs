@@ -430,6 +430,14 @@ fn validate_route(route: &str) -> Result<(), String> {
         return Err("may use letters, digits and / - _ . ~ (at most 256)".into());
     }
     let trimmed = route.trim_end_matches('/');
+    // Requests are routed on their normal form (`moontide_gateway::path`).
+    if !moontide_gateway::path::is_normal(trimmed) {
+        return Err(
+            "no request would match it: request paths are normalised before routing, so it \
+             may not hold `//`, `.` or `..` segments"
+                .into(),
+        );
+    }
     if RESERVED_PATHS
         .iter()
         .any(|reserved| trimmed == *reserved || trimmed.starts_with(&format!("{reserved}/")))
@@ -613,6 +621,17 @@ mod tests {
                 "config.egress_allow[1]"
             ]
         );
+    }
+
+    #[test]
+    fn a_function_route_must_be_in_normal_form() {
+        for route in ["/greet", "/greet/", "/v1.2/.well-known/x", "/a/..b"] {
+            assert_eq!(validate_route(route), Ok(()), "{route}");
+        }
+        for route in ["/a//b", "/a/./b", "/a/../b", "/..", "//a"] {
+            let error = validate_route(route).expect_err(route);
+            assert!(error.contains("normalised"), "{route}: {error}");
+        }
     }
 
     #[test]

@@ -277,9 +277,14 @@ impl Worker {
 
     async fn handle(
         self: Rc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer_ip: Arc<str>,
     ) -> Response<ResponseBody> {
+        if let Err(mut refused) = admit_at_edge(&mut request) {
+            let id = self.request_id(request.headers().get(&REQUEST_ID));
+            set_request_id(&mut refused, HeaderValue::from_str(&id).ok());
+            return refused.map(Either::Left);
+        }
         match request.uri().path() {
             "/healthz" => return plain(StatusCode::OK, "ok\n").map(Either::Left),
             "/readyz" if self.registry.is_ready() => {
@@ -310,11 +315,14 @@ impl Worker {
         let path = parts.uri.path();
         if !path.starts_with("/fn/") {
             let snapshot = self.snapshot.borrow_mut().load().clone();
-            let host = parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+            // An absolute-form target's (or HTTP/2's `:authority`) authority is the host
+            // (RFC 9112 §3.2.2), else the `Host` header.
+            let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            });
             let routed = snapshot
                 .gateway
                 .router
@@ -912,6 +920,76 @@ impl Worker {
             }),
             Err(error) => Err(call_failure(&function, &error, request_id)),
         }
+    }
+}
+
+/// Checks what every request must pass before it is routed, and puts its path in normal
+/// form (`moontide_gateway::path`; the front does the same with the same function):
+/// `CONNECT` is refused (`405`, and the connection closes: no route tunnels); an HTTP/1.1
+/// request needs exactly one `Host` and no request may have two (`400`, RFC 9112 §3.2); a
+/// path the normal form refuses is `400`. From here on, routing, functions, plugins and
+/// the upstream all see the normalised path.
+// The refusal is the response itself, built once on a cold path: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn admit_at_edge<B>(request: &mut Request<B>) -> Result<(), Response<Full<Bytes>>> {
+    let http1 = request.version() <= http::Version::HTTP_11;
+    if request.method() == http::Method::CONNECT {
+        let mut response = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported: no route tunnels",
+        )
+        .to_response();
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        if http1 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return Err(response);
+    }
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && request.version() == http::Version::HTTP_11) {
+        let message = if hosts == 0 {
+            "an HTTP/1.1 request needs a Host header"
+        } else {
+            "a request may have only one Host header"
+        };
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_host", message).to_response());
+    }
+    let uri = request.uri();
+    let normal = match moontide_gateway::path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normal)) => normal,
+        Err(rejection) => {
+            return Err(
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_path", rejection.to_string())
+                    .with_details(serde_json::json!({"path": uri.path()}))
+                    .to_response(),
+            );
+        }
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    let rebuilt = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(path_and_query))
+        .ok()
+        .and_then(|path_and_query| {
+            parts.path_and_query = Some(path_and_query);
+            http::Uri::from_parts(parts).ok()
+        });
+    match rebuilt {
+        Some(uri) => {
+            *request.uri_mut() = uri;
+            Ok(())
+        }
+        // Cannot happen: the normal form only drops characters or decodes unreserved ones.
+        None => Err(ApiError::internal("the normalised path is not a valid URI").to_response()),
     }
 }
 

@@ -13,9 +13,11 @@
 //! into one buffer that usually carries the whole body too: one `write` back.
 //!
 //! What the front takes (everything else goes to hyper, which serves it as before):
-//! HTTP/1.1 requests in origin form, with no body or a `Content-Length` one within the
-//! body limit, no `Expect` and no upgrade, whose route is a gateway route to an upstream
-//! with no plugins. So functions, plugins, `/fn/`, the probes, HTTP/1.0, HTTP/2 (its
+//! HTTP/1.1 requests in origin form with exactly one `Host`, not `CONNECT`, with a path
+//! that normalises (`moontide_gateway::path`; the front routes and forwards the normal
+//! form, as the hyper path does), with no body or a `Content-Length` one within the body
+//! limit, no `Expect` and no upgrade, whose route is a gateway route to an upstream with
+//! no plugins. So functions, plugins, `/fn/`, the probes, HTTP/1.0, HTTP/2 (its
 //! preface does not parse as HTTP/1.1), chunked uploads, WebSockets and malformed
 //! requests all see hyper's behaviour.
 //!
@@ -34,6 +36,7 @@
 //! Graceful shutdown: an idle connection closes at once; a connection in the middle of a
 //! request finishes it, answering with `Connection: close`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -128,7 +131,9 @@ struct Front {
 /// A request head parsed in place, as the proxy reads it.
 struct FrontRequest<'b> {
     method: Method,
-    target: &'b str,
+    /// The target with its path in normal form (`moontide_gateway::path`): borrowed from
+    /// the read buffer when the client sent it so, as nearly every client does.
+    target: Cow<'b, str>,
     headers: &'b [httparse::Header<'b>],
 }
 
@@ -138,7 +143,7 @@ impl RequestHead for FrontRequest<'_> {
     }
 
     fn target(&self) -> &str {
-        self.target
+        &self.target
     }
 
     fn header_lines(&self) -> impl Iterator<Item = (&str, &[u8])> {
@@ -162,8 +167,8 @@ impl Headers for HeaderLines<'_, '_> {
 #[derive(Default)]
 struct ClientHeaders {
     content_length: Option<usize>,
-    /// Something the front leaves to hyper: a transfer coding, `Expect`, an upgrade, or
-    /// a bad or repeated `Content-Length`.
+    /// Something the front leaves to hyper: a transfer coding, `Expect`, an upgrade, a
+    /// bad or repeated `Content-Length`, or not exactly one `Host` (hyper answers `400`).
     unusual: bool,
     close: bool,
 }
@@ -171,9 +176,12 @@ struct ClientHeaders {
 impl ClientHeaders {
     fn read(headers: &[httparse::Header<'_>]) -> ClientHeaders {
         let mut seen = ClientHeaders::default();
+        let mut hosts = 0;
         for header in headers {
             let name = header.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
+            } else if name.eq_ignore_ascii_case(b"content-length") {
                 let length = std::str::from_utf8(header.value)
                     .ok()
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -197,6 +205,9 @@ impl ClientHeaders {
                     }
                 }
             }
+        }
+        if hosts != 1 {
+            seen.unusual = true;
         }
         seen
     }
@@ -243,6 +254,15 @@ impl Front {
                                 return Next::ToHyper;
                             };
                             let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+                                return Next::ToHyper;
+                            };
+                            if method == Method::CONNECT {
+                                // Refused on the hyper path (no route tunnels).
+                                return Next::ToHyper;
+                            }
+                            // A refused path is answered on the hyper path, which
+                            // normalises by the same function.
+                            let Some(target) = normal_target(target) else {
                                 return Next::ToHyper;
                             };
                             let head = FrontRequest {
@@ -293,6 +313,24 @@ impl Front {
                 _ = tokio::time::sleep_until(deadline) => return Next::Close,
                 _ = stop.changed(), if idle => return Next::Close,
             }
+        }
+    }
+}
+
+/// `target` with its path in normal form (the query as sent); `None` if the path is refused.
+fn normal_target(target: &str) -> Option<Cow<'_, str>> {
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    match moontide_gateway::path::normalize(path).ok()? {
+        Cow::Borrowed(_) => Some(Cow::Borrowed(target)),
+        Cow::Owned(mut normal) => {
+            if let Some(query) = query {
+                normal.push('?');
+                normal.push_str(query);
+            }
+            Some(Cow::Owned(normal))
         }
     }
 }

@@ -499,12 +499,13 @@ impl RequestHead for http::request::Parts {
         self.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))
     }
 
-    /// The `Host` header, or the authority of an absolute-form target.
+    /// The authority of an absolute-form target (or HTTP/2's `:authority`), which wins
+    /// over the `Host` header (RFC 9112 §3.2.2), else the `Host` header.
     fn client_host(&self) -> Option<&[u8]> {
-        self.headers
-            .get(http::header::HOST)
-            .map(|v| v.as_bytes())
-            .or_else(|| self.uri.authority().map(|a| a.as_str().as_bytes()))
+        self.uri
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| self.headers.get(http::header::HOST).map(|v| v.as_bytes()))
     }
 }
 
