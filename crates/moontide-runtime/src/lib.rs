@@ -37,6 +37,7 @@ mod fairness;
 pub mod guards;
 mod instance;
 mod limits;
+mod lua_errors;
 pub mod modules;
 pub mod plugin;
 mod preempt;

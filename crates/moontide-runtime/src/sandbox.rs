@@ -376,6 +376,8 @@ pub(crate) fn build(spec: SandboxSpec<'_>) -> mlua::Result<Sandbox> {
     let _ = state.preemption.set(preemption.clone());
     let pass_state = state.clone();
     preempt::install(&lua, preemption, move || pass_state.slice_yielded.set(true))?;
+    // Last: the modules above keep the native `pcall` they captured.
+    crate::lua_errors::install(&lua)?;
     lua.sandbox(true)?;
 
     // The interrupt is installed switched off; the watchdog arms it when a call's slice
