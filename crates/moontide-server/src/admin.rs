@@ -123,8 +123,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     } else {
         (authed.route("/metrics", get(metrics)), Router::new())
     };
-    let authed =
-        authed.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let authed = authed.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

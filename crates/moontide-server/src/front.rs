@@ -31,7 +31,8 @@
 //! request head must arrive whole within the head timeout (30 s) of the wait for it
 //! starting (idle keep-alive time included, as hyper's `header_read_timeout`); after the
 //! head, each next piece of the body within the body timeout (60 s, nginx's
-//! `client_body_timeout`). The connection's [`ConnGuard`] (`edge::conn_limits`) goes with
+//! `client_body_timeout`), else it is answered `408 body_timeout` and closed (a head that
+//! does not arrive is closed without an answer, as hyper does). The connection's [`ConnGuard`] (`edge::conn_limits`) goes with
 //! it to hyper, so it is counted until the socket is dropped.
 //!
 //! Graceful shutdown: an idle connection closes at once; a connection in the middle of a
@@ -288,7 +289,22 @@ impl Front {
                     Ok(0) | Err(_) => return Next::Close,
                     Ok(_) => {}
                 },
-                _ = tokio::time::sleep_until(deadline) => return Next::Close,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if waiting_for_body {
+                        // As on the hyper path: the client is told before it is closed.
+                        let error = ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "body_timeout",
+                            format!(
+                                "no more of the request body arrived within {} ms",
+                                timeouts.body.as_millis()
+                            ),
+                        );
+                        let request_id = worker.new_request_id();
+                        answer_error(stream, output, &error, &request_id, true).await;
+                    }
+                    return Next::Close;
+                }
                 _ = stop.changed(), if idle => return Next::Close,
             }
         }

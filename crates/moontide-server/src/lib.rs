@@ -239,21 +239,23 @@ pub async fn serve(
     while !registry.is_ready() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // One statement per label: `get_or_create` returns a read guard, and a second call
+    // creating a series while the first guard lives would wait for it forever.
+    let refused = |refusal: edge::conn_limits::Refusal| {
+        metrics
+            .connections_refused
+            .get_or_create(&metrics::RefusedLabels {
+                reason: refusal.label(),
+            })
+            .clone()
+    };
+    let refused_total = refused(edge::conn_limits::Refusal::Total);
+    let refused_per_ip = refused(edge::conn_limits::Refusal::PerIp);
     let conn_limits = Arc::new(edge::conn_limits::ConnLimits::new(
         config.connections,
         metrics.connections.clone(),
-        metrics
-            .connections_refused
-            .get_or_create(&metrics::RefusedLabels {
-                reason: edge::conn_limits::Refusal::Total.label(),
-            })
-            .clone(),
-        metrics
-            .connections_refused
-            .get_or_create(&metrics::RefusedLabels {
-                reason: edge::conn_limits::Refusal::PerIp.label(),
-            })
-            .clone(),
+        refused_total,
+        refused_per_ip,
     ));
     let (stop_workers, stopped) = tokio::sync::watch::channel(false);
     let workers = Arc::new(Workers::start(WorkerConfig {

@@ -335,10 +335,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `--header-timeout`/`--body-timeout` of `serve`: a duration such as `30s` or `250ms`,
 /// more than zero.
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let duration =
-        moontide_server::api::parse_duration(&moontide_server::api::DurationInput::Text(
-            text.to_string(),
-        ))?;
+    let duration = moontide_server::api::parse_duration(
+        &moontide_server::api::DurationInput::Text(text.to_string()),
+    )?;
     if duration.is_zero() {
         return Err("must be more than 0".to_string());
     }

@@ -324,7 +324,9 @@ mod tests {
         let _other = limits
             .admit("2001:db8:0:1::1".parse().unwrap())
             .expect("another /64");
-        let _v4 = limits.admit("::ffff:10.0.0.1".parse().unwrap()).expect("v4");
+        let _v4 = limits
+            .admit("::ffff:10.0.0.1".parse().unwrap())
+            .expect("v4");
         assert_eq!(
             limits.admit("10.0.0.1".parse().unwrap()).err(),
             Some(Refusal::PerIp),
@@ -336,7 +338,10 @@ mod tests {
     fn refusal_answers_are_complete_http_responses() {
         let limits = limits(1, 1);
         let text = String::from_utf8(limits.answers[1].clone()).unwrap();
-        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{text}"
+        );
         assert!(text.contains("connection: close\r\n"));
         let body = text.split("\r\n\r\n").nth(1).unwrap();
         let json: serde_json::Value = serde_json::from_str(body).unwrap();

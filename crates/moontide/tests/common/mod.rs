@@ -228,6 +228,7 @@ impl Node {
         let response = self
             .http
             .get(format!("{}/metrics", self.admin))
+            .bearer_auth(&self.token)
             .send()
             .await
             .expect("metrics");
