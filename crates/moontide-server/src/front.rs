@@ -32,8 +32,9 @@
 //! starting (idle keep-alive time included, as hyper's `header_read_timeout`); after the
 //! head, each next piece of the body within the body timeout (60 s, nginx's
 //! `client_body_timeout`), else it is answered `408 body_timeout` and closed (a head that
-//! does not arrive is closed without an answer, as hyper does). The connection's [`ConnGuard`] (`edge::conn_limits`) goes with
-//! it to hyper, so it is counted until the socket is dropped.
+//! does not arrive is closed without an answer, as hyper does). The connection's
+//! [`ConnGuard`] (`edge::conn_limits`) goes with it to hyper, so it is counted until the
+//! socket is dropped.
 //!
 //! Graceful shutdown: an idle connection closes at once; a connection in the middle of a
 //! request finishes it, answering with `Connection: close`.
