@@ -2,14 +2,18 @@
 //! per client address. A connection is counted from accept until its socket is dropped
 //! (by the front or hyper), through a [`ConnGuard`] that travels with it.
 //!
-//! Cost at accept (measured, `cargo run --release -p moontide-server --example conn_limits`):
-//! the node-wide count is one atomic add on the `moontide_connections` gauge, which is the
-//! count itself; the per-address count is a map split into [`SHARDS`] shards, each behind
-//! its own mutex, picked by the address's hash, so two workers only meet on a lock when
-//! their clients hash to the same shard, and never on a node-wide lock. An address whose
-//! count falls to zero leaves its shard, so the map holds only addresses with open
-//! connections. IPv6 clients are counted by their /64 (one host usually owns a whole /64,
-//! so per-address counting would not limit it at all); IPv4 by address.
+//! Cost at accept: the node-wide count is one atomic add on the `moontide_connections`
+//! gauge, which is the count itself; the per-address count is a map split into [`SHARDS`]
+//! shards, each behind its own mutex, picked by the address's hash, so two workers only
+//! meet on a lock when their clients hash to the same shard, and never on a node-wide
+//! lock. An address whose count falls to zero leaves its shard, so the map holds only
+//! addresses with open connections. Measured (`cargo run --release -p moontide-server
+//! --example conn_limits`, on 2 shared, loaded cores): admit + release costs ~60 ns with
+//! the node-wide cap only, ~210 ns with both (1 or 10 000 addresses, 10 000 held open),
+//! ~570 ns each with two threads admitting at once (the gauge's cache line moves between
+//! cores); a loopback connect + accept + close costs ~57 µs there, so the caps are under
+//! 1% of a connection's setup. IPv6 clients are counted by their /64 (one host usually
+//! owns a whole /64, so per-address counting would not limit it at all); IPv4 by address.
 //!
 //! Over a cap, the connection is answered before its request is read, with a short JSON
 //! error (`503 connection_limit` node-wide, `429 client_connection_limit` per address)
