@@ -19,7 +19,10 @@
 //! error (`503 connection_limit` node-wide, `429 client_connection_limit` per address)
 //! and `Connection: close`, written with one non-blocking write (a fresh socket's send
 //! buffer always takes it), then closed after a short wait for the client to read it
-//! (see [`refuse`]). Refusals are counted in `moontide_connections_refused_total{reason}`.
+//! (see [`ConnLimits::refuse`]). Refusals are counted in
+//! `moontide_connections_refused_total{reason}`. The answer is HTTP/1.1, written before
+//! the client has said what it speaks: an HTTP/2 prior-knowledge client sees a protocol
+//! error and a closed connection, which is what it would see if the node closed at once.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -210,7 +213,7 @@ impl ConnLimits {
     }
 
     /// Answers a refused connection (see the module doc) and closes it. Runs on the
-    /// accepting thread; never waits for a slow client longer than [`LINGER`].
+    /// accepting thread; never waits for a slow client longer than `LINGER` (1 s).
     pub fn refuse(self: &Arc<Self>, stream: TcpStream, refusal: Refusal) {
         let answer = match refusal {
             Refusal::Total => &self.answers[0],
