@@ -99,7 +99,7 @@ for run in $(seq "$RUNS"); do
     echo "run $run: single ${singles[-1]} rps, spread ${spreads[-1]} rps" >&2
 done
 
-METRICS=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics")
+METRICS=$(curl -s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$ADMIN_PORT/metrics")
 LIVE=$(echo "$METRICS" | awk '$1 == "moontide_node_instances" {print $2}')
 HEAP=$(echo "$METRICS" | awk '$1 == "moontide_node_instance_memory_bytes" {print $2}')
 RSS_END=$(rss_kib "$SERVER_PID")

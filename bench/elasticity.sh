@@ -154,7 +154,7 @@ trap 'exit 143' TERM
 start_server() {
     SERVER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/moontide-elasticity.XXXXXX")
     taskset -c 0 "$BIN" serve --data-dir "$SERVER_DIR/data" \
-        --listen "$HOST:$MT_PORT" --admin "$HOST:$MT_ADMIN_PORT" --workers 1 \
+        --listen "$HOST:$MT_PORT" --admin "$HOST:$MT_ADMIN_PORT" --workers 1 --metrics-public \
         >"$SERVER_DIR/stdout.log" 2>"$SERVER_DIR/stderr.log" &
     SERVER_PID=$!
     local i ready=0

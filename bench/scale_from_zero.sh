@@ -42,7 +42,7 @@ data = http.client.HTTPConnection("127.0.0.1", int(port))
 auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 def cold_starts():
-    admin.request("GET", "/metrics")
+    admin.request("GET", "/metrics", headers=auth)
     text = admin.getresponse().read().decode()
     return sum(float(v) for v in re.findall(r'^moontide_cold_starts_total\{[^}]*\} (\S+)$', text, re.M))
 

@@ -73,6 +73,8 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub workers: Arc<Workers>,
     pub token: String,
+    /// `/metrics` answers without the token (`serve --metrics-public`).
+    pub metrics_public: bool,
     pub started: Instant,
     pub node: serde_json::Value,
 }
@@ -113,12 +115,19 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 .delete(gateway::delete_plugin),
         )
         .route("/v1/plugins/{name}/logs", get(gateway::plugin_logs))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route("/v1/openapi.json", get(openapi));
+    // `/metrics` lists every function, upstream node and plugin: the token guards it
+    // unless the operator chose to let scrapers in without one.
+    let (authed, open) = if state.metrics_public {
+        (authed, Router::new().route("/metrics", get(metrics)))
+    } else {
+        (authed.route("/metrics", get(metrics)), Router::new())
+    };
+    let authed = authed.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(openapi))
+        .merge(open)
         .merge(authed)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -143,7 +152,7 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) {
         next.run(request).await
@@ -159,6 +168,19 @@ async fn require_token(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         response
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is case-insensitive and
+/// one or more spaces may separate it from the token (RFC 9110 §11.1, §11.4); the token is
+/// a token68, so it holds no spaces.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim_matches([' ', '\t']);
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_start_matches(' ');
+    (!token.is_empty() && !token.contains([' ', '\t'])).then_some(token)
 }
 
 async fn readyz(State(state): Shared) -> Response {
@@ -867,6 +889,18 @@ mod tests {
         assert!(message.contains("at line 1 column"), "{message}");
         let (path, _) = path_and_message("{\"config\": 5}");
         assert_eq!(path, "config");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_spaces_are_tolerated() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc  "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Bearer a b"), None);
     }
 
     #[test]

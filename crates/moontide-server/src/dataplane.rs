@@ -31,6 +31,7 @@ use arc_swap::{ArcSwap, Cache};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -38,6 +39,9 @@ use moontide_runtime::plugin::{Phase, PluginRequest, PluginResponse};
 use moontide_runtime::{CallError, Engine, HttpRequest, HttpResponse, Instance, InstanceError};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::edge::ClientTimeouts;
+use crate::edge::conn_limits::ConnGuard;
+use crate::edge::timed_body::{self, TimedBody};
 use crate::errors::ApiError;
 use crate::gateway::Route;
 use crate::gateway::client::{self, UpstreamBody};
@@ -146,6 +150,7 @@ pub struct Worker {
     /// This thread's upstream clients and balancer state.
     upstreams: LocalUpstreams,
     max_body_bytes: usize,
+    timeouts: ClientTimeouts,
     id_prefix: u64,
     id_counter: Cell<u64>,
     builder: hyper_util::server::conn::auto::Builder<LocalExecutor>,
@@ -170,9 +175,10 @@ impl Worker {
         engine: Engine,
         registry: Arc<Registry>,
         max_body_bytes: usize,
+        timeouts: ClientTimeouts,
         role: Role,
     ) -> Worker {
-        let builder = connection_builder();
+        let builder = connection_builder_with(timeouts.head);
         Worker {
             pools: Rc::new(LocalPools::new(registry.budget.clone())),
             upstreams: LocalUpstreams::default(),
@@ -180,6 +186,7 @@ impl Worker {
             engine,
             registry,
             max_body_bytes,
+            timeouts,
             id_prefix: rand::random::<u64>() & 0xffff_ffff_ffff,
             id_counter: Cell::new(0),
             builder,
@@ -273,6 +280,10 @@ impl Worker {
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    pub(crate) fn timeouts(&self) -> ClientTimeouts {
+        self.timeouts
     }
 
     async fn handle(
@@ -474,19 +485,43 @@ impl Worker {
         Response::from_parts(parts, Either::Left(Full::default()))
     }
 
-    /// The request body, whole, within the size limit; or the error response.
+    /// The request body, whole, within the size limit; or the error response. Each wait
+    /// for more of the body is bounded by the body timeout (`edge::timed_body`): a client
+    /// that stops sending is answered `408` and its connection closed. A body that says
+    /// up front it is over the limit (`Content-Length`) is answered `413` without waiting
+    /// for it; both answers close the connection, since the body was not read to its end.
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Full<Bytes>>> {
-        match Limited::new(body, self.max_body_bytes).collect().await {
+        let too_large = || {
+            let mut response = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body is larger than {} bytes", self.max_body_bytes),
+            )
+            .to_response();
+            close_after(&mut response);
+            response
+        };
+        if body.size_hint().lower() > self.max_body_bytes as u64 {
+            return Err(too_large());
+        }
+        let timed = TimedBody::new(body, self.timeouts.body);
+        match Limited::new(timed, self.max_body_bytes).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) => {
-                let too_large = error
+                if error
                     .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                Err(if too_large {
+                    .is_some()
+                {
+                    return Err(too_large());
+                }
+                let mut response = if timed_body::is_timeout(error.as_ref()) {
                     ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body_too_large",
-                        format!("request body is larger than {} bytes", self.max_body_bytes),
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!(
+                            "no more of the request body arrived within {} ms",
+                            self.timeouts.body.as_millis()
+                        ),
                     )
                     .to_response()
                 } else {
@@ -496,7 +531,9 @@ impl Worker {
                         "could not read the request body",
                     )
                     .to_response()
-                })
+                };
+                close_after(&mut response);
+                Err(response)
             }
         }
     }
@@ -1040,6 +1077,7 @@ pub fn serve_connection<I>(
     io: I,
     peer_ip: Arc<str>,
     watcher: hyper_util::server::graceful::Watcher,
+    guard: ConnGuard,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -1058,6 +1096,9 @@ pub fn serve_connection<I>(
         if let Err(error) = connection.await {
             tracing::debug!(%error, "connection ended with an error");
         }
+        // Counted until hyper is done with the socket (an upgraded connection's bridge
+        // is not counted: known gap).
+        drop(guard);
     });
 }
 
@@ -1073,13 +1114,28 @@ struct Target<'a> {
 /// How hyper serves the data plane's connections (HTTP/1.1 and HTTP/2); public so that the
 /// fuzz target (`fuzz/`) writes responses exactly as the data plane does.
 pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<LocalExecutor> {
+    connection_builder_with(ClientTimeouts::default().head)
+}
+
+/// [`connection_builder`] with the node's head timeout (idle keep-alive time included).
+pub fn connection_builder_with(
+    head_timeout: Duration,
+) -> hyper_util::server::conn::auto::Builder<LocalExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(LocalExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30));
+        .header_read_timeout(head_timeout);
     builder.http2().timer(TokioTimer::new());
     builder
+}
+
+/// Asks hyper to close the connection after this answer (HTTP/1.1; HTTP/2 drops the
+/// header and only the stream ends).
+fn close_after<B>(response: &mut Response<B>) {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Every data-plane answer carries the request's id (the node's, never the function's).

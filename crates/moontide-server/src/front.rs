@@ -29,9 +29,14 @@
 //! and then the client connection is closed. `read` is the longest wait for each next
 //! piece of the body, as on the hyper path.
 //!
-//! Client timeouts: a request head must arrive whole within 30 s of the wait for it
+//! Client timeouts (`edge::ClientTimeouts`, `serve --header-timeout`/`--body-timeout`): a
+//! request head must arrive whole within the head timeout (30 s) of the wait for it
 //! starting (idle keep-alive time included, as hyper's `header_read_timeout`); after the
-//! head, each next piece of the body within 60 s (nginx's `client_body_timeout`).
+//! head, each next piece of the body within the body timeout (60 s, nginx's
+//! `client_body_timeout`), else it is answered `408 body_timeout` and closed (a head that
+//! does not arrive is closed without an answer, as hyper does). The connection's
+//! [`ConnGuard`] (`edge::conn_limits`) goes with it to hyper, so it is counted until the
+//! socket is dropped.
 //!
 //! Graceful shutdown: an idle connection closes at once; a connection in the middle of a
 //! request finishes it, answering with `Connection: close`.
@@ -51,6 +56,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::dataplane::{self, Worker, is_sane_request_id};
+use crate::edge::conn_limits::ConnGuard;
 use crate::errors::ApiError;
 use crate::gateway::client::{self, Pooled};
 use crate::gateway::config::RouteTarget;
@@ -59,14 +65,6 @@ use crate::gateway::http1::{
     put_header,
 };
 use crate::gateway::proxy::{Downstream, Exchange, Upstream};
-
-/// Longest wait for a whole request head, idle keep-alive time included (as hyper's
-/// `header_read_timeout` on the hyper path).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Longest wait for each next piece of a request body (nginx's `client_body_timeout`): a
-/// slow upload goes on as long as it keeps moving.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most bytes copied into the response head's buffer from the body so that both go out in
 /// one write; a larger first piece is written after the head.
@@ -77,6 +75,7 @@ pub fn serve_connection(
     worker: &Rc<Worker>,
     stream: TcpStream,
     remote: SocketAddr,
+    guard: ConnGuard,
     watcher: Watcher,
     stop: watch::Receiver<()>,
 ) {
@@ -99,7 +98,7 @@ pub fn serve_connection(
                         read: front.input,
                         stream: front.stream,
                     };
-                    dataplane::serve_connection(&worker, io, peer_ip, watcher);
+                    dataplane::serve_connection(&worker, io, peer_ip, watcher, guard);
                     return;
                 }
             }
@@ -216,7 +215,8 @@ impl ClientHeaders {
 impl Front {
     /// Reads one request and serves it, or decides that hyper should.
     async fn serve_one(&mut self, worker: &Rc<Worker>, peer_ip: &Arc<str>) -> Next {
-        let head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+        let timeouts = worker.timeouts();
+        let head_deadline = tokio::time::Instant::now() + timeouts.head;
         let mut waiting_for_body = false;
         loop {
             let Front {
@@ -300,7 +300,7 @@ impl Front {
             // More of the request is needed.
             let idle = input.is_empty();
             let deadline = if waiting_for_body {
-                tokio::time::Instant::now() + BODY_READ_TIMEOUT
+                tokio::time::Instant::now() + timeouts.body
             } else {
                 head_deadline
             };
@@ -310,7 +310,22 @@ impl Front {
                     Ok(0) | Err(_) => return Next::Close,
                     Ok(_) => {}
                 },
-                _ = tokio::time::sleep_until(deadline) => return Next::Close,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if waiting_for_body {
+                        // As on the hyper path: the client is told before it is closed.
+                        let error = ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "body_timeout",
+                            format!(
+                                "no more of the request body arrived within {} ms",
+                                timeouts.body.as_millis()
+                            ),
+                        );
+                        let request_id = worker.new_request_id();
+                        answer_error(stream, output, &error, &request_id, true).await;
+                    }
+                    return Next::Close;
+                }
                 _ = stop.changed(), if idle => return Next::Close,
             }
         }

@@ -20,6 +20,7 @@ pub mod api;
 pub mod autoscale;
 pub mod budget;
 pub mod dataplane;
+pub mod edge;
 pub mod errors;
 pub mod front;
 pub mod gateway;
@@ -65,6 +66,12 @@ pub struct ServeConfig {
     pub max_instances: usize,
     /// Most Lua memory the node's instances hold together (soft: see `budget`).
     pub max_instance_memory: usize,
+    /// How long clients may take to send request heads and bodies (data plane and admin).
+    pub timeouts: edge::ClientTimeouts,
+    /// Caps on open data-plane connections, node-wide and per client address.
+    pub connections: edge::conn_limits::ConnLimitConfig,
+    /// `/metrics` answers without the admin token (`serve --metrics-public`).
+    pub metrics_public: bool,
     pub engine: EngineConfig,
 }
 
@@ -79,6 +86,9 @@ impl Default for ServeConfig {
             max_body_bytes: 6 << 20,
             max_instances: 20_000,
             max_instance_memory: budget::default_memory_budget(),
+            timeouts: edge::ClientTimeouts::default(),
+            connections: edge::conn_limits::ConnLimitConfig::default(),
+            metrics_public: false,
             engine: EngineConfig::default(),
         }
     }
@@ -229,6 +239,24 @@ pub async fn serve(
     while !registry.is_ready() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // One statement per label: `get_or_create` returns a read guard, and a second call
+    // creating a series while the first guard lives would wait for it forever.
+    let refused = |refusal: edge::conn_limits::Refusal| {
+        metrics
+            .connections_refused
+            .get_or_create(&metrics::RefusedLabels {
+                reason: refusal.label(),
+            })
+            .clone()
+    };
+    let refused_total = refused(edge::conn_limits::Refusal::Total);
+    let refused_per_ip = refused(edge::conn_limits::Refusal::PerIp);
+    let conn_limits = Arc::new(edge::conn_limits::ConnLimits::new(
+        config.connections,
+        metrics.connections.clone(),
+        refused_total,
+        refused_per_ip,
+    ));
     let (stop_workers, stopped) = tokio::sync::watch::channel(false);
     let workers = Arc::new(Workers::start(WorkerConfig {
         count: config.workers,
@@ -236,6 +264,8 @@ pub async fn serve(
         engine,
         registry: registry.clone(),
         max_body_bytes: config.max_body_bytes,
+        timeouts: config.timeouts,
+        conn_limits,
         shutdown: stopped,
         shutdown_grace: config.shutdown_grace,
     })?);
@@ -245,6 +275,7 @@ pub async fn serve(
         registry: registry.clone(),
         workers: workers.clone(),
         token,
+        metrics_public: config.metrics_public,
         started,
         node: serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
@@ -260,16 +291,14 @@ pub async fn serve(
     admin_listener.set_nonblocking(true)?;
     let admin_listener = tokio::net::TcpListener::from_std(admin_listener)?;
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin = tokio::spawn(async move {
-        let result = axum::serve(admin_listener, admin::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = admin_stopped.await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(%error, "admin API stopped");
-        }
-    });
+    let admin = tokio::spawn(edge::admin_listener::serve(
+        admin_listener,
+        admin::router(state),
+        config.timeouts,
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
 
     on_ready(data_addr, admin_addr);
 

@@ -58,6 +58,12 @@ pub struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `edge::conn_limits::Refusal::label`: `total` or `per_ip`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EgressLabels {
     pub function: String,
     /// `DenyReason::label`: `admin_listener`, `data_plane`, `metadata`, `unspecified`,
@@ -306,6 +312,10 @@ pub struct Metrics {
     node_restarts: Counter,
     unattributed_crashes: Counter,
     egress_denied: Family<EgressLabels, Counter>,
+    /// Data-plane connections refused at accept, by cap (`edge::conn_limits`).
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Open data-plane connections (the count `edge::conn_limits` caps).
+    pub connections: Gauge,
     pub config_revision: Gauge,
     pub functions: Gauge,
     pub node_instances: Gauge,
@@ -342,6 +352,8 @@ impl Metrics {
         let node_restarts = Counter::default();
         let unattributed_crashes = Counter::default();
         let egress_denied = Family::<EgressLabels, Counter>::default();
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        let connections = Gauge::default();
         let config_revision = Gauge::default();
         let functions = Gauge::default();
         let node_instances = Gauge::default();
@@ -432,6 +444,17 @@ impl Metrics {
             "egress_denied",
             "Outbound http calls of a function refused by the egress policy, by reason",
             egress_denied.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open data-plane connections (serve --max-connections caps them)",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Data-plane connections refused at accept, by cap (total: --max-connections, \
+             per_ip: --max-connections-per-ip)",
+            connections_refused.clone(),
         );
         registry.register(
             "node_instances",
@@ -532,6 +555,8 @@ impl Metrics {
             node_restarts,
             unattributed_crashes,
             egress_denied,
+            connections_refused,
+            connections,
             config_revision,
             functions,
             node_instances,

@@ -24,6 +24,8 @@ use moontide_runtime::Engine;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{OwnedRequest, Role, Worker};
+use crate::edge::ClientTimeouts;
+use crate::edge::conn_limits::ConnLimits;
 use crate::errors::ApiError;
 use crate::front;
 use crate::pool;
@@ -91,6 +93,9 @@ pub struct WorkerConfig {
     pub engine: Engine,
     pub registry: Arc<Registry>,
     pub max_body_bytes: usize,
+    pub timeouts: ClientTimeouts,
+    /// The data plane's connection caps (node-wide and per client address).
+    pub conn_limits: Arc<ConnLimits>,
     pub shutdown: watch::Receiver<bool>,
     pub shutdown_grace: Duration,
 }
@@ -105,6 +110,7 @@ impl Workers {
             let engine = config.engine.clone();
             let registry = config.registry.clone();
             let max_body_bytes = config.max_body_bytes;
+            let timeouts = config.timeouts;
             let grace = config.shutdown_grace;
             threads.push(spawn_worker_thread(
                 "moontide-long-calls",
@@ -121,6 +127,7 @@ impl Workers {
                         engine,
                         registry,
                         max_body_bytes,
+                        timeouts,
                         Role::LongCalls,
                     ));
                     run_long_call_worker(worker, long_call_jobs, grace).await;
@@ -135,14 +142,22 @@ impl Workers {
             let registry = config.registry.clone();
             let shutdown = config.shutdown.clone();
             let max_body_bytes = config.max_body_bytes;
+            let timeouts = config.timeouts;
+            let conn_limits = config.conn_limits.clone();
             let grace = config.shutdown_grace;
             let long_calls = long_calls.clone();
             threads.push(spawn_worker_thread(
                 &format!("moontide-worker-{index}"),
                 move || async move {
                     let role = Role::Io { long_calls };
-                    let worker = Rc::new(Worker::new(engine, registry, max_body_bytes, role));
-                    run_worker(worker, listener, receiver, shutdown, grace).await;
+                    let worker = Rc::new(Worker::new(
+                        engine,
+                        registry,
+                        max_body_bytes,
+                        timeouts,
+                        role,
+                    ));
+                    run_worker(worker, listener, conn_limits, receiver, shutdown, grace).await;
                 },
             )?);
         }
@@ -268,6 +283,7 @@ async fn run_long_call_worker(
 async fn run_worker(
     worker: Rc<Worker>,
     listener: std::net::TcpListener,
+    conn_limits: Arc<ConnLimits>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -290,11 +306,19 @@ async fn run_worker(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    let guard = match conn_limits.admit(remote.ip()) {
+                        Ok(guard) => guard,
+                        Err(refusal) => {
+                            conn_limits.refuse(stream, refusal);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     front::serve_connection(
                         &worker,
                         stream,
                         remote,
+                        guard,
                         graceful.watcher(),
                         stop_front.subscribe(),
                     );

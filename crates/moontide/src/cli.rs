@@ -124,6 +124,26 @@ enum Command {
         /// plane.
         #[arg(long = "egress-allow", value_name = "CIDR[:PORT]", value_parser = parse_allow_rule)]
         egress_allow: Vec<AllowRule>,
+        /// Longest wait for a whole request head, idle keep-alive time included (data
+        /// plane and admin API), e.g. 30s; then the connection is closed.
+        #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+        header_timeout: Duration,
+        /// Longest wait for each next piece of a request body (data plane and admin API),
+        /// e.g. 60s; then the request is answered 408 and the connection closed.
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+        body_timeout: Duration,
+        /// Most open data-plane connections on the node (0: no cap); more are answered
+        /// 503 and closed.
+        #[arg(long, default_value_t = 16_384)]
+        max_connections: usize,
+        /// Most open data-plane connections from one client address, IPv6 by /64 (0: no
+        /// cap); more are answered 429 and closed. Behind a load balancer, raise it or 0.
+        #[arg(long, default_value_t = 4_096)]
+        max_connections_per_ip: usize,
+        /// Serve /metrics on the admin port without the admin token (by default a
+        /// scraper presents it: `Authorization: Bearer TOKEN`).
+        #[arg(long)]
+        metrics_public: bool,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -232,12 +252,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_instances,
             instance_memory,
             egress_allow,
+            header_timeout,
+            body_timeout,
+            max_connections,
+            max_connections_per_ip,
+            metrics_public,
         } => {
             let mut config = ServeConfig {
                 data_dir: cli.data_dir.clone(),
                 listen,
                 admin: admin_addr,
                 max_instances,
+                timeouts: moontide_server::edge::ClientTimeouts {
+                    head: header_timeout,
+                    body: body_timeout,
+                },
+                connections: moontide_server::edge::conn_limits::ConnLimitConfig {
+                    total: max_connections,
+                    per_ip: max_connections_per_ip,
+                },
+                metrics_public,
                 ..ServeConfig::default()
             };
             config.engine.egress.allow = egress_allow;
@@ -325,6 +359,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply { file } => crate::apply::apply(&client()?, &file).await,
         Command::Logs { name, follow, tail } => client()?.logs(&name, follow, tail).await,
     }
+}
+
+/// `--header-timeout`/`--body-timeout` of `serve`: a duration such as `30s` or `250ms`,
+/// more than zero.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = moontide_server::api::parse_duration(
+        &moontide_server::api::DurationInput::Text(text.to_string()),
+    )?;
+    if duration.is_zero() {
+        return Err("must be more than 0".to_string());
+    }
+    Ok(duration)
 }
 
 /// `--egress-allow` of `serve`: one allowlist entry.

@@ -21,8 +21,7 @@ fn error_of(body: &Value) -> (&str, &str) {
 async fn every_v1_endpoint_needs_the_token() {
     let node = Node::start();
     let document: Value = node
-        .http
-        .get(format!("{}/v1/openapi.json", node.admin))
+        .admin_request(Method::GET, "/v1/openapi.json")
         .send()
         .await
         .unwrap()

@@ -44,6 +44,7 @@ const NODE_SERIES: &[&str] = &[
     "moontide_node_instance_memory_budget_bytes",
     "moontide_functions",
     "moontide_config_revision",
+    "moontide_connections",
 ];
 
 /// A node with one function called [`CALLS`] times over the data plane.
@@ -85,7 +86,10 @@ async fn prometheus_scrapes_the_admin_port() {
         .admin
         .strip_prefix("http://")
         .expect("admin URL is http://host:port");
-    let prometheus = Prometheus::start(&[target], "/metrics").await;
+    // `/metrics` needs the admin token (unless `serve --metrics-public`): Prometheus
+    // presents it from the node's token file.
+    let token_file = node.data_dir.join("admin.token");
+    let prometheus = Prometheus::start(&[target], "/metrics", Some(&token_file)).await;
 
     let requests = format!("moontide_requests_total{{function=\"{FUNCTION}\",trigger=\"http\"}}");
     prometheus

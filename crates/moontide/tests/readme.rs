@@ -183,7 +183,7 @@ fn tour() -> Vec<(&'static str, Expect)> {
             }),
         ),
         (
-            "curl -s http://127.0.0.1:9080/metrics",
+            "curl -s -H \"Authorization: Bearer $(cat moontide-data/admin.token)\" http://127.0.0.1:9080/metrics",
             Shows(|out| {
                 if out.contains("moontide_requests_total{function=\"greeting\"") {
                     Ok(())

@@ -237,6 +237,7 @@ impl Node {
         let response = self
             .http
             .get(format!("{}/metrics", self.admin))
+            .bearer_auth(&self.token)
             .send()
             .await
             .expect("metrics");

@@ -43,12 +43,18 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Starts Prometheus scraping `targets` (`host:port`) at `metrics_path` in job [`JOB`],
-    /// and waits until it reports ready.
-    pub async fn start(targets: &[&str], metrics_path: &str) -> Prometheus {
+    /// presenting the bearer token in `token_file` when given (as an operator configures
+    /// it: `authorization.credentials_file`), and waits until it reports ready.
+    pub async fn start(
+        targets: &[&str],
+        metrics_path: &str,
+        token_file: Option<&std::path::Path>,
+    ) -> Prometheus {
         require_binary("prometheus");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(&config, config_text(targets, metrics_path)).expect("write config");
+        std::fs::write(&config, config_text(targets, metrics_path, token_file))
+            .expect("write config");
         let http = super::http_client();
         let mut taken = Vec::new();
         for attempt in 0..PORT_ATTEMPTS {
@@ -309,7 +315,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config_text(targets: &[&str], metrics_path: &str) -> String {
+fn config_text(
+    targets: &[&str],
+    metrics_path: &str,
+    token_file: Option<&std::path::Path>,
+) -> String {
+    let authorization = token_file
+        .map(|path| {
+            format!(
+                "    authorization:\n      \
+                   type: Bearer\n      \
+                   credentials_file: \"{}\"\n",
+                path.display()
+            )
+        })
+        .unwrap_or_default();
     let targets = targets
         .iter()
         .map(|t| format!("\"{t}\""))
@@ -322,7 +342,8 @@ fn config_text(targets: &[&str], metrics_path: &str) -> String {
            evaluation_interval: 1s\n\
          scrape_configs:\n  \
            - job_name: {JOB}\n    \
-             metrics_path: \"{metrics_path}\"\n    \
+             metrics_path: \"{metrics_path}\"\n\
+         {authorization}    \
              static_configs:\n      \
                - targets: [{targets}]\n"
     )
