@@ -139,12 +139,30 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Raises the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do: every connection is a file, and under the usual soft limit of 1 024
+/// `accept` fails long before the node's connection cap (16 384 by default) answers
+/// cleanly. The node inherits it. Returns the limit now in force (`None`: unlimited).
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(error) = setrlimit(Resource::Nofile, limit.clone()) {
+            tracing::warn!(%error, "could not raise the open-files limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 impl Supervisor {
     /// Runs children until one exits on its own or a stop signal was passed on; returns
     /// the exit code to leave with.
     pub async fn run(self) -> Result<ExitCode, SuperviseError> {
         use tokio::signal::unix::{SignalKind, signal};
         let io = |what| move |source| SuperviseError::Io { what, source };
+        let open_files = raise_open_files_limit();
+        tracing::debug!(?open_files, "open-files limit");
         // The children inherit the listeners: clear close-on-exec on them.
         for listener in [&self.data, &self.admin] {
             rustix::io::fcntl_setfd(listener.as_fd(), rustix::io::FdFlags::empty())

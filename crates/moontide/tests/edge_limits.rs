@@ -430,3 +430,55 @@ async fn metrics_and_the_openapi_document_need_the_token_unless_metrics_are_publ
         "--metrics-public opens only /metrics"
     );
 }
+
+/// The soft open-files limit of a process, from `/proc/PID/limits`.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_string(),
+        fields.next().unwrap().to_string(),
+    )
+}
+
+/// Every connection is a file: a node started under a low soft limit (1 024 is common)
+/// would fail `accept` long before its connection cap answers cleanly. The supervisor
+/// raises the soft limit to the hard one, and the node it runs inherits it.
+#[tokio::test]
+async fn the_node_raises_its_open_files_limit_to_the_hard_limit() {
+    let (_, hard) = open_files_limits(std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut command = std::process::Command::new("bash");
+    command
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+        .arg(common::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--workers", "1", "--data-dir"])
+        .arg(&data_dir)
+        .env("RUST_LOG", "warn");
+    let node = Node::start_command(command, data_dir);
+    assert_eq!(node.get("/healthz").await.status(), 200);
+    let supervisor = node.child.id();
+    // The node: the supervisor's child.
+    let node_pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // `pid (comm) state ppid ...`; comm may hold spaces, so split after `)`.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(supervisor)
+            })
+        })
+        .expect("the node process");
+    for pid in [supervisor, node_pid] {
+        let (soft, _) = open_files_limits(pid);
+        assert_eq!(soft, hard, "process {pid}");
+    }
+}
