@@ -464,6 +464,13 @@ impl Instance {
         Ok(converted.response)
     }
 
+    /// Writes `message` to this unit's log under the request id of its last call: the
+    /// node's verdict on something the call left behind (a plugin's `req.path` the node
+    /// refuses), where the tenant looks for its errors.
+    pub fn log(&self, level: crate::LogLevel, message: &str) {
+        self.emit_log.emit(level, message);
+    }
+
     /// `true` if the instance broke a limit and must not serve another call.
     pub fn is_broken(&self) -> bool {
         self.broken.get()

@@ -623,3 +623,55 @@ async fn route_patterns_that_no_request_can_match_are_refused() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["details"]["path"], "config.route", "{body}");
 }
+
+/// The upstream gets a normal path also when a plugin wrote it: a `rewrite` that sets
+/// `req.path` with dot segments or unreserved escapes is cleaned before forwarding, and
+/// one the node refuses (an encoded `/`, a climb above the root) is the plugin's bad
+/// result — a 500 naming the plugin, with the reason in the plugin's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_a_plugin_writes_is_normalised_or_refused() {
+    let (node, backend) = files_node().await;
+    put(
+        &node,
+        "/v1/plugins/rewriter",
+        json!({"source": "return { rewrite = function(req, ctx)
+            req.path = req.headers['x-new-path']
+          end }"}),
+    )
+    .await;
+    put(
+        &node,
+        "/v1/routes/rewritten",
+        json!({"hosts": [HOST], "paths": ["/rewrite/*"], "upstream": "files",
+               "plugins": [{"name": "rewriter"}]}),
+    )
+    .await;
+    let rewrite = |new_path: &str| {
+        format!("GET /rewrite/x HTTP/1.1\r\nHost: {HOST}\r\nx-new-path: {new_path}\r\n\r\n")
+    };
+    for (written, forwarded) in [
+        (
+            "/api/public/../private/%73ecret.txt",
+            "/api/private/secret.txt",
+        ),
+        ("/a//b/./c", "/a/b/c"),
+        ("/plain", "/plain"),
+    ] {
+        let mut conn = Conn::to(&node).await;
+        let response = conn.exchange(&rewrite(written)).await;
+        assert_eq!(response.status, 200, "{written}: {}", response.body);
+        assert_eq!(backend.take(), [forwarded], "{written}");
+    }
+    for refused in ["/a/%2Fb", "/../etc/passwd"] {
+        let mut conn = Conn::to(&node).await;
+        let response = conn.exchange(&rewrite(refused)).await;
+        assert_eq!(response.status, 500, "{refused}: {}", response.body);
+        assert_eq!(response.error_code(), "plugin_error", "{refused}");
+        assert!(backend.take().is_empty(), "{refused} was forwarded");
+    }
+    let log = node.plugin_log_messages("rewriter").await.join("\n");
+    assert!(
+        log.contains("rewrite: req.path '/a/%2Fb' is refused by the node"),
+        "{log}"
+    );
+}

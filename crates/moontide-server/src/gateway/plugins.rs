@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use moontide_runtime::plugin::{CtxInfo, Phase, PluginCtx, PluginRequest, PluginResponse};
-use moontide_runtime::{CallError, Engine, HttpResponse, InstanceError};
+use moontide_runtime::{CallError, Engine, HttpResponse, InstanceError, OutputError};
 
 use super::Route;
 use crate::errors::ApiError;
@@ -119,7 +119,31 @@ impl Chain {
                     .request_phase(phase, &member.ctx, request, &self.request_id)
                     .await
                 {
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // The upstream gets a path in normal form, also when a plugin
+                        // wrote it (docs/edge.md): cleaned, or the plugin's bad result.
+                        match moontide_gateway::path::normalize(&request.path) {
+                            Ok(std::borrow::Cow::Borrowed(_)) => {}
+                            Ok(std::borrow::Cow::Owned(normal)) => request.path = normal,
+                            Err(rejection) => {
+                                let error = CallError::BadResult(OutputError::Invalid(format!(
+                                    "{}: req.path '{}' is refused by the node: {rejection}",
+                                    phase.name(),
+                                    request.path
+                                )));
+                                member.lease.instance().log(
+                                    moontide_runtime::LogLevel::Error,
+                                    &format!("call failed: {error}"),
+                                );
+                                return Err(failure(
+                                    &member.plugin,
+                                    phase,
+                                    &error,
+                                    &self.request_id,
+                                ));
+                            }
+                        }
+                    }
                     Ok(Some(response)) => return Ok(Some(response)),
                     Err(error) => {
                         return Err(failure(&member.plugin, phase, &error, &self.request_id));
