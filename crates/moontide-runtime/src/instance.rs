@@ -935,14 +935,20 @@ mod tests {
     /// Its CPU time past the first slice is what marks a function long-running.
     #[tokio::test]
     async fn the_blocking_cap_spares_calls_that_yield() {
+        // Runs for 1.5 s of os.clock, three times the cap, so that it would meet the cap
+        // if its slices did not end. The cap counts wall time: 500 ms (not less) so that
+        // the kernel preempting the test thread mid-slice on a busy machine does not look
+        // like a blocked call.
         let (instance, _) = instance_with(
-            "return function() local s = 0 for i = 1, 1e8 do s = s + i end return s end",
+            "return function()
+               local start, n = os.clock(), 0
+               while os.clock() - start < 1.5 do n = n + 1 end
+               return n
+             end",
             Limits::default(),
         )
         .await;
-        // The cap counts wall time: 50 ms (not less) so that the kernel preempting the
-        // test thread mid-slice on a busy machine does not look like a blocked call.
-        instance.set_blocking_cap(Some(Duration::from_millis(50)));
+        instance.set_blocking_cap(Some(Duration::from_millis(500)));
         let result = instance.invoke_json(&serde_json::json!({}), "r").await;
         assert!(result.is_ok(), "{result:?}");
         assert!(
