@@ -16,180 +16,19 @@
 
 mod common;
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Node;
+use common::raw_http::{Conn, WAIT};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tokio::time::timeout;
-
-/// Bound on every wait (never a timing assertion: a wrong node fails instead of hanging).
-const WAIT: Duration = Duration::from_secs(5);
 
 const HOST: &str = "files.example";
 const KEY: &str = "key-1234";
-
-/// A raw client or backend connection with a read buffer.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// A response as the client read it.
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    /// Names lowercased, values trimmed.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Hyper adds a `date` header to every response; the front and the backend add none.
-    fn served_by_front(&self) -> bool {
-        self.header("date").is_none()
-    }
-
-    /// The node's JSON error code.
-    fn error_code(&self) -> String {
-        let body: Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|_| panic!("not a JSON error: {self:?}"));
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_else(|| panic!("not the JSON error shape: {self:?}"))
-            .to_string()
-    }
-}
-
-impl Conn {
-    async fn to(node: &Node) -> Conn {
-        let stream = TcpStream::connect(node.data.trim_start_matches("http://"))
-            .await
-            .expect("connect to the data plane");
-        Conn {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    /// A connection that hyper serves: its first request (`/healthz`) is one the front
-    /// always hands over, and a handed-over connection stays with hyper.
-    async fn held_by_hyper(node: &Node) -> Conn {
-        let mut conn = Conn::to(node).await;
-        conn.send(&format!("GET /healthz HTTP/1.1\r\nHost: {HOST}\r\n\r\n"))
-            .await;
-        let response = conn.response().await;
-        assert_eq!(response.status, 200, "{response:?}");
-        conn
-    }
-
-    async fn send(&mut self, bytes: &str) {
-        self.stream
-            .write_all(bytes.as_bytes())
-            .await
-            .expect("write to the peer");
-    }
-
-    async fn fill(&mut self) -> io::Result<usize> {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    }
-
-    /// A head: its first line and its headers; `None` if the peer closed first.
-    async fn head(&mut self) -> io::Result<Option<(String, Vec<(String, String)>)>> {
-        loop {
-            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..at]).into_owned();
-                self.buf.drain(..at + 4);
-                let mut lines = head.split("\r\n");
-                let first = lines.next().unwrap_or_default().to_string();
-                let headers = lines
-                    .filter_map(|line| line.split_once(':'))
-                    .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-                    .collect();
-                return Ok(Some((first, headers)));
-            }
-            if self.fill().await? == 0 {
-                return Ok(None);
-            }
-        }
-    }
-
-    async fn body(&mut self, headers: &[(String, String)]) -> io::Result<Vec<u8>> {
-        let length = headers
-            .iter()
-            .find(|(n, _)| n == "content-length")
-            .map_or(0, |(_, v)| v.parse::<usize>().expect("content-length"));
-        assert!(
-            !headers.iter().any(|(n, _)| n == "transfer-encoding"),
-            "chunked bodies are not expected here: {headers:?}"
-        );
-        while self.buf.len() < length {
-            if self.fill().await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        Ok(self.buf.drain(..length).collect())
-    }
-
-    /// The next response, whole.
-    async fn response(&mut self) -> Response {
-        let read = async {
-            let (line, headers) = self.head().await?.ok_or(io::ErrorKind::UnexpectedEof)?;
-            let status = line
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("a bad status line: {line:?}"));
-            let body = self.body(&headers).await?;
-            io::Result::Ok(Response {
-                status,
-                headers,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
-        };
-        timeout(WAIT, read)
-            .await
-            .expect("a response within the wait")
-            .expect("a whole response")
-    }
-
-    /// Sends one request and reads its response.
-    async fn exchange(&mut self, request: &str) -> Response {
-        self.send(request).await;
-        self.response().await
-    }
-
-    /// Expects the node to close the connection with nothing more sent.
-    async fn expect_closed(&mut self) {
-        assert!(
-            self.buf.is_empty(),
-            "bytes after the response: {:?}",
-            self.buf
-        );
-        match timeout(WAIT, self.fill())
-            .await
-            .expect("the connection closes within the wait")
-        {
-            Ok(0) => {}
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => {}
-            other => panic!("expected a close, read {other:?}: {:?}", self.buf),
-        }
-    }
-}
 
 /// The raw backend: the targets it was sent, in order.
 struct Backend {
@@ -207,15 +46,9 @@ impl Backend {
             while let Ok((stream, _)) = listener.accept().await {
                 let record = record.clone();
                 tokio::spawn(async move {
-                    let mut conn = Conn {
-                        stream,
-                        buf: Vec::new(),
-                    };
-                    while let Ok(Some((line, headers))) = conn.head().await {
-                        if conn.body(&headers).await.is_err() {
-                            return;
-                        }
-                        let target = line.split(' ').nth(1).unwrap_or_default().to_string();
+                    let mut conn = Conn::new(stream);
+                    while let Ok(Some(request)) = conn.request().await {
+                        let target = request.target;
                         let body = format!("served {target}");
                         record.lock().unwrap().push(target);
                         let answer = format!(
@@ -310,7 +143,7 @@ impl Path {
     async fn conn(self, node: &Node) -> Conn {
         match self {
             Path::Front => Conn::to(node).await,
-            Path::Hyper => Conn::held_by_hyper(node).await,
+            Path::Hyper => Conn::held_by_hyper(node, HOST).await,
         }
     }
 }
@@ -332,7 +165,8 @@ async fn every_spelling_of_a_guarded_path_meets_its_plugin() {
                 "{path:?} {spelling}: the key-auth plugin must answer: {response:?}"
             );
             assert_eq!(
-                response.body, "missing or unknown API key\n",
+                response.text(),
+                "missing or unknown API key\n",
                 "{path:?} {spelling}"
             );
             assert_eq!(backend.take(), Vec::<String>::new(), "{path:?} {spelling}");
@@ -340,7 +174,7 @@ async fn every_spelling_of_a_guarded_path_meets_its_plugin() {
             // With the key, the backend gets the path that was routed, not the spelling.
             let response = conn.exchange(&get_with_key(spelling)).await;
             assert_eq!(response.status, 200, "{path:?} {spelling}: {response:?}");
-            assert_eq!(response.body, "served /api/private/secret.txt");
+            assert_eq!(response.text(), "served /api/private/secret.txt");
             assert_eq!(
                 backend.take(),
                 ["/api/private/secret.txt"],
@@ -396,7 +230,7 @@ async fn a_plain_route_forwards_the_path_it_routed_with_the_query_as_sent() {
             let response = conn.exchange(&get(sent)).await;
             assert_eq!(response.status, 200, "{path:?} {sent}: {response:?}");
             assert_eq!(
-                response.body,
+                response.text(),
                 format!("served {forwarded}"),
                 "{path:?} {sent}"
             );
@@ -513,7 +347,7 @@ async fn functions_see_the_normal_path_and_parameters() {
             let mut conn = path.conn(&node).await;
             let response = conn.exchange(&get(sent)).await;
             assert_eq!(response.status, 200, "{path:?} {sent}: {response:?}");
-            let body: Value = serde_json::from_str(&response.body).unwrap();
+            let body: Value = serde_json::from_slice(&response.body).unwrap();
             assert_eq!(body["path"], *event_path, "{path:?} {sent}: {body}");
             assert_eq!(body["params"], *params, "{path:?} {sent}: {body}");
         }
@@ -659,13 +493,13 @@ async fn a_path_a_plugin_writes_is_normalised_or_refused() {
     ] {
         let mut conn = Conn::to(&node).await;
         let response = conn.exchange(&rewrite(written)).await;
-        assert_eq!(response.status, 200, "{written}: {}", response.body);
+        assert_eq!(response.status, 200, "{written}: {}", response.text());
         assert_eq!(backend.take(), [forwarded], "{written}");
     }
     for refused in ["/a/%2Fb", "/../etc/passwd"] {
         let mut conn = Conn::to(&node).await;
         let response = conn.exchange(&rewrite(refused)).await;
-        assert_eq!(response.status, 500, "{refused}: {}", response.body);
+        assert_eq!(response.status, 500, "{refused}: {}", response.text());
         assert_eq!(response.error_code(), "plugin_error", "{refused}");
         assert!(backend.take().is_empty(), "{refused} was forwarded");
     }

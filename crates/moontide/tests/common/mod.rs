@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod prometheus;
+pub mod raw_http;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
