@@ -8,7 +8,8 @@
 //!                        └──invoke job──▶ worker thread
 //! ```
 //!
-//! [`serve`] wires it together: it opens the store in the data dir, makes the admin token,
+//! [`serve`] wires it together: it opens the store (the data dir's SQLite file, or etcd with
+//! [`StoreConfig::Etcd`]), makes the admin token (or takes the cluster's),
 //! binds both listeners, starts the workers and the snapshot builder, and runs until the
 //! shutdown future resolves; then it stops accepting, lets calls in flight finish (bounded
 //! by the grace period) and returns.

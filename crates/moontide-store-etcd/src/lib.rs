@@ -467,7 +467,18 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64, 
 }
 
 fn backend(error: etcd_client::Error) -> StoreError {
-    StoreError::Backend(format!("etcd: {error}"))
+    let message = error.to_string();
+    if message.contains("request is too large") {
+        return StoreError::Backend(format!(
+            "etcd: {message} (etcd refuses requests over its --max-request-bytes, 1.5 MiB by default)"
+        ));
+    }
+    if message.contains("too many operations in txn request") {
+        return StoreError::Backend(format!(
+            "etcd: {message} (etcd's --max-txn-ops, 128 by default)"
+        ));
+    }
+    StoreError::Backend(format!("etcd: {message}"))
 }
 
 fn clone_error(error: &StoreError) -> StoreError {

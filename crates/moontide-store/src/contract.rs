@@ -41,6 +41,7 @@ pub async fn run_all<T: Subject>(subject: &mut T) {
         }};
     }
     case!(put_get_and_range_by_prefix);
+    case!(range_returns_every_key_of_a_large_prefix_in_order);
     case!(revisions_bump_once_per_write_txn);
     case!(create_revision_survives_updates_and_resets_after_delete);
     case!(failed_compares_write_nothing);
@@ -156,6 +157,24 @@ async fn put_get_and_range_by_prefix(store: &dyn Store) {
     let (all, _) = store.range("").await.unwrap();
     assert_eq!(keys(&all), ["a", "a/1", "a/2", "b/1"]);
     assert_eq!(store.revision().await.unwrap(), outcome.revision);
+}
+
+async fn range_returns_every_key_of_a_large_prefix_in_order(store: &dyn Store) {
+    // More keys than one etcd page, written 100 per txn (etcd's default cap is 128 ops).
+    for chunk in 0..7 {
+        let ops = (0..100)
+            .map(|i| put(&format!("many/{:04}", chunk * 100 + i), "v"))
+            .collect();
+        write(store, ops).await;
+    }
+    write(store, vec![put("many0", "outside"), put("man", "outside")]).await;
+    let (kvs, revision) = store.range("many/").await.unwrap();
+    assert_eq!(kvs.len(), 700);
+    assert!(
+        kvs.windows(2).all(|pair| pair[0].key < pair[1].key),
+        "sorted"
+    );
+    assert_eq!(revision, store.revision().await.unwrap());
 }
 
 async fn revisions_bump_once_per_write_txn(store: &dyn Store) {

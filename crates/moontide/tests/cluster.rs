@@ -176,7 +176,10 @@ async fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
     for node in &nodes {
         assert_eq!(call(node, "hello").await, (200, "one".to_string()));
         let ready = node.get("/readyz").await.status();
-        assert_eq!(ready, 200, "the data plane stays ready on its last snapshot");
+        assert_eq!(
+            ready, 200,
+            "the data plane stays ready on its last snapshot"
+        );
     }
     let (status, body) = b
         .admin_json(
@@ -212,7 +215,11 @@ async fn a_paused_node_that_falls_behind_a_compaction_reloads_and_serves_the_lat
     assert_eq!(deploy(a, "doomed", "here").await, 201);
     wait_serves(b, "kept", 200, Some("one")).await;
     wait_serves(b, "doomed", 200, Some("here")).await;
-    assert!(!b.metrics().await.contains("moontide_config_reloads_total 1"));
+    assert!(
+        !b.metrics()
+            .await
+            .contains("moontide_config_reloads_total 1")
+    );
 
     // B stops, and its connection to etcd dies while it cannot notice (etcd restarts
     // before anything is written, so nothing waits for B in its socket).
