@@ -385,7 +385,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 ///   revision to resume from, or a watcher fell behind) never skips the lost events:
 ///   the keyspace is reloaded at the current revision and diffed against what is served
 ///   (functions and gateway objects gone from the store are dropped, unchanged ones keep
-///   their instances and health state), and the watch resumes from there.
+///   their instances and health state), and the watch resumes from there. So does a store
+///   whose revision went back below what this node applied (etcd restored or replaced).
 pub async fn run_builder(registry: Arc<Registry>, store: Arc<dyn Store>) {
     let mut retry = RETRY_FIRST;
     loop {
@@ -493,6 +494,17 @@ async fn follow(
     retry: &mut Duration,
 ) -> Result<(), StoreError> {
     // Everything under the root: functions (`f/`) and gateway objects (`g/`).
+    // A store whose revision went back (etcd restored from a backup, or replaced by an
+    // empty one) would never send the revisions this node waits for: reload instead.
+    let current = store.revision().await?;
+    if current < *applied {
+        tracing::warn!(
+            applied = *applied,
+            current,
+            "the store's revision went back (restored or replaced?); reloading"
+        );
+        return Err(StoreError::Compacted(current));
+    }
     let mut watch = store.watch("", *applied).await?;
     *retry = RETRY_FIRST;
     while let Some(batch) = watch.next().await? {

@@ -257,6 +257,25 @@ async fn a_paused_node_that_falls_behind_a_compaction_reloads_and_serves_the_lat
     wait_serves(b, "kept", 200, Some("four")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_an_etcd_whose_revisions_went_back() {
+    let mut etcd = Etcd::start();
+    let nodes = start_nodes(&etcd, 2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for answer in ["one", "two", "three", "four"] {
+        assert_eq!(deploy(a, "hello", answer).await, 201);
+    }
+    wait_serves(b, "hello", 200, Some("four")).await;
+
+    // A new, empty etcd on the same address: its revisions start below what B applied,
+    // so a watch resumed from B's revision would wait for revisions that never come.
+    etcd.wipe_and_restart();
+    assert_eq!(deploy_eventually(a, "fresh", "new").await, 201);
+    wait_serves(b, "fresh", 200, Some("new")).await;
+    wait_serves(b, "hello", 404, None).await;
+    wait_serves(a, "hello", 404, None).await;
+}
+
 #[test]
 fn a_malformed_store_url_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();

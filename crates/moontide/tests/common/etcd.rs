@@ -80,6 +80,16 @@ impl Etcd {
         }
     }
 
+    /// Starts it again on the same ports with no data: a new cluster whose revisions start
+    /// over (as after a restore from an old backup, or a replaced etcd).
+    pub fn wipe_and_restart(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(self.dir.path().join("data")).expect("remove etcd data");
+        if let Err(failure) = self.try_start() {
+            panic!("etcd did not start again: {failure}");
+        }
+    }
+
     /// Runs `etcdctl` against it; panics unless it succeeds. Returns its stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
         let output = self.etcdctl_output(args);
