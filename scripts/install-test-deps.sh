@@ -11,6 +11,11 @@ command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
 # images); that is harmless: the tests start their own on free ports.
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } \
     || need_apt+=(prometheus)
+# Debian's etcd packages: `etcd` and `etcdctl` for the cluster tests (the harness starts its
+# own etcd on free ports; the package's service is not needed). `protoc` builds etcd-client.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi

@@ -8,7 +8,8 @@
 //!                        └──invoke job──▶ worker thread
 //! ```
 //!
-//! [`serve`] wires it together: it opens the store in the data dir, makes the admin token,
+//! [`serve`] wires it together: it opens the store (the data dir's SQLite file, or etcd with
+//! [`StoreConfig::Etcd`]), makes the admin token (or takes the cluster's),
 //! binds both listeners, starts the workers and the snapshot builder, and runs until the
 //! shutdown future resolves; then it stops accepting, lets calls in flight finish (bounded
 //! by the grace period) and returns.
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use moontide_runtime::{Engine, EngineConfig};
 use moontide_store::{SqliteStore, Store};
+use moontide_store_etcd::{EtcdConfig, EtcdStore};
 
 use crate::admin::AdminState;
 use crate::budget::NodeBudget;
@@ -72,7 +74,39 @@ pub struct ServeConfig {
     pub connections: edge::conn_limits::ConnLimitConfig,
     /// `/metrics` answers without the admin token (`serve --metrics-public`).
     pub metrics_public: bool,
+    /// Where the config lives: the data dir's SQLite file, or an etcd cluster.
+    pub store: StoreConfig,
+    /// The admin token every node of a cluster shares (`MOONTIDE_ADMIN_TOKEN`); `None`:
+    /// the data dir's token file, created on first start.
+    pub admin_token: Option<String>,
     pub engine: EngineConfig,
+}
+
+/// Which [`Store`] a node uses (`serve --store`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `store.db` in the data dir (one node).
+    #[default]
+    Embedded,
+    /// An etcd cluster shared by every node (`etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`).
+    Etcd(EtcdConfig),
+}
+
+impl std::str::FromStr for StoreConfig {
+    type Err = String;
+
+    /// `etcd://…` (see [`EtcdConfig::from_url`]); nothing else is a store URL yet.
+    fn from_str(url: &str) -> Result<StoreConfig, String> {
+        if url.starts_with("etcd://") {
+            return EtcdConfig::from_url(url)
+                .map(StoreConfig::Etcd)
+                .map_err(|e| e.to_string());
+        }
+        Err(format!(
+            "unsupported store {url:?}: expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX] \
+             (without --store the node keeps its config in the data dir)"
+        ))
+    }
 }
 
 impl Default for ServeConfig {
@@ -89,6 +123,8 @@ impl Default for ServeConfig {
             timeouts: edge::ClientTimeouts::default(),
             connections: edge::conn_limits::ConnLimitConfig::default(),
             metrics_public: false,
+            store: StoreConfig::Embedded,
+            admin_token: None,
             engine: EngineConfig::default(),
         }
     }
@@ -115,6 +151,25 @@ pub fn token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.token")
 }
 
+/// Writes a token given from outside (`MOONTIDE_ADMIN_TOKEN`) to the data dir's token
+/// file (mode 0600), so local clients (`moontide --data-dir DIR ...`) find it as before;
+/// returns it trimmed.
+pub fn store_token(data_dir: &Path, token: &str) -> std::io::Result<String> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the admin token given is empty",
+        ));
+    }
+    let path = token_path(data_dir);
+    if std::fs::read_to_string(&path).is_ok_and(|stored| stored.trim() == token) {
+        return Ok(token.to_string());
+    }
+    write_token(&path, token)?;
+    Ok(token.to_string())
+}
+
 /// Reads the admin token, creating it (random, mode 0600) on first start.
 pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
     let path = token_path(data_dir);
@@ -125,6 +180,12 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
         Err(error) => return Err(error),
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
+    write_token(&path, &token)?;
+    Ok(token)
+}
+
+/// Writes the token file atomically, mode 0600.
+fn write_token(path: &Path, token: &str) -> std::io::Result<()> {
     let temporary = path.with_extension("token.tmp");
     {
         use std::io::Write;
@@ -137,8 +198,7 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
         file.write_all(b"\n")?;
         file.sync_all()?;
     }
-    std::fs::rename(&temporary, &path)?;
-    Ok(token)
+    std::fs::rename(&temporary, path)
 }
 
 /// Tells each function that crashed the node, in its own log, what the supervisor
@@ -187,11 +247,20 @@ pub async fn serve(
         path: config.data_dir.clone(),
         source,
     })?;
-    let token = load_or_create_token(&config.data_dir).map_err(|source| ServeError::DataDir {
+    let token = match &config.admin_token {
+        Some(token) => store_token(&config.data_dir, token),
+        None => load_or_create_token(&config.data_dir),
+    }
+    .map_err(|source| ServeError::DataDir {
         path: token_path(&config.data_dir),
         source,
     })?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?);
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Embedded => Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?),
+        // Connects lazily: a node started while etcd is down waits (not ready) until it
+        // can load its config.
+        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd).await?),
+    };
     let metrics = Arc::new(Metrics::new());
     metrics
         .node_instance_budget

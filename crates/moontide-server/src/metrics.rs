@@ -322,6 +322,8 @@ pub struct Metrics {
     pub node_instance_budget: Gauge,
     pub node_memory: Gauge,
     pub node_memory_budget: Gauge,
+    /// Full reloads of the config after its watch history was compacted.
+    pub config_reloads: Counter,
 }
 
 impl Metrics {
@@ -360,6 +362,12 @@ impl Metrics {
         let node_instance_budget = Gauge::default();
         let node_memory = Gauge::default();
         let node_memory_budget = Gauge::default();
+        let config_reloads = Counter::default();
+        registry.register(
+            "config_reloads",
+            "Full reloads of the config because the store's history was compacted past the revision this node served",
+            config_reloads.clone(),
+        );
         registry.register(
             "requests",
             "Calls of a function, by trigger",
@@ -563,6 +571,7 @@ impl Metrics {
             node_instance_budget,
             node_memory,
             node_memory_budget,
+            config_reloads,
         }
     }
 

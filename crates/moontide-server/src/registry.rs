@@ -370,21 +370,60 @@ fn with_routes(mut snapshot: Snapshot) -> Snapshot {
     snapshot
 }
 
+/// First wait after the store failed; doubled after each failure in a row.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest wait between two tries while the store is unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Keeps the registry in step with the store, forever: a full load, then incremental
-/// updates from the watch; a compacted or broken watch starts over.
+/// updates from a watch.
+///
+/// - A watch that breaks (the store unreachable: etcd down, a partition) is reopened from
+///   the last revision applied, with a backoff (100 ms doubling to 2 s) while it keeps
+///   failing; meanwhile the node serves its last snapshot.
+/// - A watch whose history is gone ([`StoreError::Compacted`]: etcd compacted past the
+///   revision to resume from, or a watcher fell behind) never skips the lost events:
+///   the keyspace is reloaded at the current revision and diffed against what is served
+///   (functions and gateway objects gone from the store are dropped, unchanged ones keep
+///   their instances and health state), and the watch resumes from there. So does a store
+///   whose revision went back below what this node applied (etcd restored or replaced).
 pub async fn run_builder(registry: Arc<Registry>, store: Arc<dyn Store>) {
+    let mut retry = RETRY_FIRST;
     loop {
-        match follow_store(&registry, &*store).await {
-            Ok(()) => return,
+        let mut applied = match load_all(&registry, &*store).await {
+            Ok(revision) => revision,
             Err(error) => {
-                tracing::warn!(%error, "config watch interrupted; reloading");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tracing::warn!(%error, "config load failed; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        loop {
+            match follow(&registry, &*store, &mut applied, &mut retry).await {
+                Ok(()) => return,
+                Err(StoreError::Compacted(oldest)) => {
+                    tracing::warn!(
+                        after = applied,
+                        oldest,
+                        "config history was compacted past this node's revision; reloading"
+                    );
+                    registry.metrics.config_reloads.inc();
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, after = applied, "config watch interrupted; resuming");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
             }
         }
     }
 }
 
-async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), StoreError> {
+/// Loads the whole keyspace, publishes it as the snapshot (reusing what is unchanged) and
+/// returns the revision it was read at.
+async fn load_all(registry: &Registry, store: &dyn Store) -> Result<Revision, StoreError> {
     let (heads, revision) = store.range(records::HEAD_PREFIX).await?;
     let previous = registry.snapshot();
     let mut functions = HashMap::new();
@@ -398,7 +437,7 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             functions.insert(deployed.name.clone(), deployed);
         }
     }
-    // A reload (after a broken or compacted watch) starts from the serving upstreams, so
+    // A reload (after a compacted watch) starts from the serving upstreams, so
     // that the nodes that stay keep their health and breaker state; upstreams gone from
     // the store are dropped below.
     let mut gateway = Gateway {
@@ -429,6 +468,13 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
             Some((&kv.value, kv.mod_revision)),
         );
     }
+    // Functions deleted while the watch could not see it.
+    for name in previous.functions.keys() {
+        if !functions.contains_key(name) {
+            registry.metrics.forget(name);
+            registry.long_running.lock().remove(&**name);
+        }
+    }
     registry.publish(with_routes(Snapshot {
         revision,
         functions: Arc::new(functions),
@@ -436,13 +482,36 @@ async fn follow_store(registry: &Registry, store: &dyn Store) -> Result<(), Stor
         routes: Arc::default(),
         gateway,
     }));
+    Ok(revision)
+}
 
+/// Applies every change after `applied` as it comes, advancing `applied`; returns when
+/// the store closes or the watch fails.
+async fn follow(
+    registry: &Registry,
+    store: &dyn Store,
+    applied: &mut Revision,
+    retry: &mut Duration,
+) -> Result<(), StoreError> {
     // Everything under the root: functions (`f/`) and gateway objects (`g/`).
-    let mut watch = store.watch("", revision).await?;
+    // A store whose revision went back (etcd restored from a backup, or replaced by an
+    // empty one) would never send the revisions this node waits for: reload instead.
+    let current = store.revision().await?;
+    if current < *applied {
+        tracing::warn!(
+            applied = *applied,
+            current,
+            "the store's revision went back (restored or replaced?); reloading"
+        );
+        return Err(StoreError::Compacted(current));
+    }
+    let mut watch = store.watch("", *applied).await?;
+    *retry = RETRY_FIRST;
     while let Some(batch) = watch.next().await? {
         let Some(revision) = batch.iter().map(|e| e.revision()).max() else {
             continue;
         };
+        *applied = revision;
         let names: BTreeSet<String> = batch
             .iter()
             .filter_map(|event| name_of_key(event.key()).map(str::to_string))

@@ -18,6 +18,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(any(test, feature = "contract-tests"))]
+pub mod contract;
 mod sqlite;
 
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
@@ -110,7 +112,9 @@ pub trait Watch: Send {
     async fn next(&mut self) -> Result<Option<Vec<WatchEvent>>, StoreError>;
 }
 
-/// The store contract. Implementations: [`SqliteStore`] (one node); etcd (clusters).
+/// The store contract. Implementations: [`SqliteStore`] (one node); `EtcdStore` in the
+/// `moontide-store-etcd` crate (clusters). The `contract` module (feature
+/// `contract-tests`) is the test suite every implementation passes.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The value of one key.

@@ -214,6 +214,30 @@ impl SqliteStore {
         .await
     }
 
+    /// Drops the change history before `revision`, as etcd's `compact` does: a watch from
+    /// an older revision then fails with [`StoreError::Compacted`]. Watches already open
+    /// keep their place. (History is also bounded by
+    /// [`SqliteStoreOptions::history_revisions`] on every write.)
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.with_live(move |live| {
+            let tx = live
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            let dropped = revision.saturating_sub(1);
+            if dropped > read_meta(&tx, META_COMPACTED)? {
+                tx.execute(
+                    "DELETE FROM history WHERE revision <= ?1",
+                    [to_sql(dropped)?],
+                )
+                .db()?;
+                write_meta(&tx, META_COMPACTED, dropped)?;
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+
     /// Runs `f` on the open store, on the blocking pool.
     async fn with_live<T, F>(&self, f: F) -> Result<T, StoreError>
     where

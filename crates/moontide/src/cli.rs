@@ -144,6 +144,12 @@ enum Command {
         /// scraper presents it: `Authorization: Bearer TOKEN`).
         #[arg(long)]
         metrics_public: bool,
+        /// Keep the config in an etcd cluster that every node of a cluster shares:
+        /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (keys under /moontide/ by default).
+        /// Without it the config lives in the data dir (one node). Give every node the
+        /// same admin token through MOONTIDE_ADMIN_TOKEN.
+        #[arg(long, value_name = "URL")]
+        store: Option<moontide_server::StoreConfig>,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -257,6 +263,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_connections,
             max_connections_per_ip,
             metrics_public,
+            store,
         } => {
             let mut config = ServeConfig {
                 data_dir: cli.data_dir.clone(),
@@ -272,6 +279,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     per_ip: max_connections_per_ip,
                 },
                 metrics_public,
+                store: store.unwrap_or_default(),
+                // One credential for every node of a cluster (e.g. a Kubernetes Secret).
+                admin_token: std::env::var("MOONTIDE_ADMIN_TOKEN")
+                    .ok()
+                    .filter(|token| !token.trim().is_empty()),
                 ..ServeConfig::default()
             };
             config.engine.egress.allow = egress_allow;

@@ -18,12 +18,15 @@ pub struct Client {
     output: Output,
 }
 
-/// The admin token: `MOONTIDE_TOKEN`, else `<data-dir>/admin.token`.
+/// The admin token: `MOONTIDE_TOKEN`, else `MOONTIDE_ADMIN_TOKEN` (what a cluster's nodes
+/// share), else `<data-dir>/admin.token`.
 fn find_token(data_dir: &Path) -> anyhow::Result<String> {
-    if let Ok(token) = std::env::var("MOONTIDE_TOKEN")
-        && !token.trim().is_empty()
-    {
-        return Ok(token.trim().to_string());
+    for variable in ["MOONTIDE_TOKEN", "MOONTIDE_ADMIN_TOKEN"] {
+        if let Ok(token) = std::env::var(variable)
+            && !token.trim().is_empty()
+        {
+            return Ok(token.trim().to_string());
+        }
     }
     let path = moontide_server::token_path(data_dir);
     let token = std::fs::read_to_string(&path).with_context(|| {

@@ -670,3 +670,23 @@ async fn racing_mod_revision_writers_exactly_one_wins() {
         race_once(Arc::clone(&a), Arc::clone(&b), round).await;
     }
 }
+
+/// The store contract (`crate::contract`), the same suite `EtcdStore` runs.
+struct InMemory;
+
+impl crate::contract::Subject for InMemory {
+    type S = SqliteStore;
+
+    async fn fresh(&mut self) -> SqliteStore {
+        SqliteStore::open_in_memory().unwrap()
+    }
+
+    async fn compact(&self, store: &SqliteStore, revision: Revision) {
+        store.compact(revision).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_store_contract() {
+    crate::contract::run_all(&mut InMemory).await;
+}

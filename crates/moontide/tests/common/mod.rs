@@ -1,9 +1,11 @@
 //! Test harness: starts the real `moontide` binary on free loopback ports with a fresh data
-//! dir, and drives it over HTTP (reqwest) and through the CLI binary; [`prometheus`] runs a
+//! dir, and drives it over HTTP (reqwest) and through the CLI binary; [`etcd`] runs a real
+//! etcd for cluster tests; [`prometheus`] runs a
 //! real Prometheus (and promtool) against it.
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod prometheus;
 pub mod raw_http;
 

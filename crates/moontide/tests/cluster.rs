@@ -1,0 +1,313 @@
+//! Cluster mode on etcd: several `moontide serve --store etcd://…` nodes (real processes on
+//! free loopback ports) share one real etcd started by the harness (`common::etcd`).
+//!
+//! A write on any node is served by every node; an etcd outage leaves every node serving
+//! its last snapshot with writes refused `503 store_unavailable`, and the nodes catch up
+//! by themselves when etcd is back; a node whose watch falls behind a compaction (the
+//! APISIX failure: paused, history compacted, resumed) reloads and serves the latest.
+//!
+//! No timings: every wait polls with a bounded number of tries.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::Node;
+use common::etcd::Etcd;
+use reqwest::Method;
+use serde_json::json;
+
+/// The admin token every node of the test clusters shares.
+const TOKEN: &str = "cluster-test-token-0123456789";
+
+/// Tries of a polled condition (a bound on waiting, not a timing assertion).
+const TRIES: usize = 600;
+const POLL: Duration = Duration::from_millis(50);
+
+fn start_nodes(etcd: &Etcd, count: usize) -> Vec<Node> {
+    let url = etcd.store_url();
+    (0..count)
+        .map(|_| Node::start_with_env(&["--store", &url], &[("MOONTIDE_ADMIN_TOKEN", TOKEN)]))
+        .collect()
+}
+
+fn source(answer: &str) -> String {
+    format!("return function(event, ctx) return {{statusCode = 200, body = \"{answer}\"}} end")
+}
+
+/// `(status, body)` of `GET /fn/{name}` on `node`.
+async fn call(node: &Node, name: &str) -> (u16, String) {
+    let response = node.get(&format!("/fn/{name}")).await;
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Polls until `node` answers `GET /fn/{name}` with `expected` (`(200, body)` or a bare
+/// status with any body when `body` is `None`).
+async fn wait_serves(node: &Node, name: &str, status: u16, body: Option<&str>) {
+    let mut last = (0, String::new());
+    for _ in 0..TRIES {
+        last = call(node, name).await;
+        if last.0 == status && body.is_none_or(|b| last.1 == b) {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    panic!(
+        "node {} never answered /fn/{name} with {status} {body:?}; last: {last:?}",
+        node.admin
+    );
+}
+
+async fn deploy(node: &Node, name: &str, answer: &str) -> u16 {
+    let (status, _) = node
+        .admin_json(
+            Method::PUT,
+            &format!("/v1/functions/{name}"),
+            Some(json!({"source": source(answer), "config": {}})),
+        )
+        .await;
+    status
+}
+
+/// Deploys, again while the node answers 503 (its etcd connection is coming back).
+async fn deploy_eventually(node: &Node, name: &str, answer: &str) -> u16 {
+    let mut status = 0;
+    for _ in 0..TRIES {
+        status = deploy(node, name, answer).await;
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    status
+}
+
+/// The node process the supervisor runs for `node` (`node.child` is the supervisor).
+fn node_pid(node: &Node) -> String {
+    let output = Command::new("pgrep")
+        .args(["-P", &node.child.id().to_string()])
+        .output()
+        .expect("pgrep");
+    let pids = String::from_utf8_lossy(&output.stdout);
+    let mut pids = pids.split_whitespace();
+    let pid = pids.next().expect("the supervisor runs a node").to_string();
+    assert!(pids.next().is_none(), "one node process per supervisor");
+    pid
+}
+
+fn signal(pid: &str, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Sends SIGCONT when dropped, so a failing test never leaves a stopped process behind.
+struct Paused(String);
+
+impl Paused {
+    fn stop(pid: String) -> Paused {
+        signal(&pid, "-STOP");
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal(&self.0, "-CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_any_node_is_served_by_every_node() {
+    let etcd = Etcd::start();
+    let nodes = start_nodes(&etcd, 3);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    for node in &nodes {
+        assert_eq!(node.token, TOKEN, "every node uses MOONTIDE_ADMIN_TOKEN");
+    }
+
+    assert_eq!(deploy(a, "hello", "one").await, 201);
+    // Acknowledged by A: A serves it now; B and C follow through their watches.
+    assert_eq!(call(a, "hello").await, (200, "one".to_string()));
+    wait_serves(b, "hello", 200, Some("one")).await;
+    wait_serves(c, "hello", 200, Some("one")).await;
+
+    assert_eq!(deploy(b, "hello", "two").await, 201);
+    for node in &nodes {
+        wait_serves(node, "hello", 200, Some("two")).await;
+    }
+
+    let (status, body) = c
+        .admin_json(Method::POST, "/v1/functions/hello/rollback", None)
+        .await;
+    assert_eq!(status, 200, "rollback on C: {body}");
+    for node in &nodes {
+        wait_serves(node, "hello", 200, Some("one")).await;
+    }
+
+    // Every node lists the same versions: one store.
+    let (_, versions) = a
+        .admin_json(Method::GET, "/v1/functions/hello/versions", None)
+        .await;
+    let (_, versions_c) = c
+        .admin_json(Method::GET, "/v1/functions/hello/versions", None)
+        .await;
+    assert_eq!(versions, versions_c);
+    assert!(
+        etcd.etcdctl(&["get", "--prefix", "--keys-only", "/moontide/f/head/"])
+            .contains("/moontide/f/head/hello"),
+        "keys live under /moontide/ in etcd"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_keep_serving_while_etcd_is_down_and_catch_up_when_it_returns() {
+    let mut etcd = Etcd::start();
+    let nodes = start_nodes(&etcd, 2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(deploy(a, "hello", "one").await, 201);
+    wait_serves(b, "hello", 200, Some("one")).await;
+
+    etcd.stop();
+    for node in &nodes {
+        assert_eq!(call(node, "hello").await, (200, "one".to_string()));
+        let ready = node.get("/readyz").await.status();
+        assert_eq!(
+            ready, 200,
+            "the data plane stays ready on its last snapshot"
+        );
+    }
+    let (status, body) = b
+        .admin_json(
+            Method::PUT,
+            "/v1/functions/hello",
+            Some(json!({"source": source("two"), "config": {}})),
+        )
+        .await;
+    assert_eq!(status, 503, "a write without etcd: {body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    let (status, body) = a.admin_json(Method::GET, "/v1/functions/hello", None).await;
+    assert_eq!(status, 503, "a read of the store without etcd: {body}");
+    // Still serving after the failed writes.
+    assert_eq!(call(b, "hello").await, (200, "one".to_string()));
+
+    etcd.restart();
+    assert_eq!(
+        deploy_eventually(a, "hello", "two").await,
+        201,
+        "writes work again once etcd is back"
+    );
+    for node in &nodes {
+        wait_serves(node, "hello", 200, Some("two")).await;
+    }
+}
+
+fn reloads(metrics: &str) -> f64 {
+    common::metric_value(metrics, "moontide_config_reloads_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_that_falls_behind_a_compaction_reloads_and_serves_the_latest() {
+    let mut etcd = Etcd::start();
+    let nodes = start_nodes(&etcd, 2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(deploy(a, "kept", "one").await, 201);
+    assert_eq!(deploy(a, "doomed", "here").await, 201);
+    wait_serves(b, "kept", 200, Some("one")).await;
+    wait_serves(b, "doomed", 200, Some("here")).await;
+
+    // Paused while changes are written and compacted: etcd had already pushed them into
+    // B's connection, so B applies them when it resumes.
+    let paused = Paused::stop(node_pid(b));
+    assert_eq!(deploy(a, "kept", "two").await, 201);
+    etcd.compact();
+    drop(paused);
+    wait_serves(b, "kept", 200, Some("two")).await;
+    assert_eq!(reloads(&b.metrics().await), 0.0, "nothing was missed");
+
+    // Now B's connection dies while B cannot notice (etcd restarts before anything is
+    // written, so nothing waits for B in its socket); the changes are written and their
+    // history compacted. When B resumes, its watch must restart from a revision that is
+    // gone: what APISIX nodes lost config on (apache/apisix #8682, #12167, #11390).
+    let paused = Paused::stop(node_pid(b));
+    etcd.restart();
+    assert_eq!(deploy_eventually(a, "kept", "three").await, 201);
+    let (status, body) = a
+        .admin_json(Method::DELETE, "/v1/functions/doomed", None)
+        .await;
+    assert!(status == 200 || status == 204, "delete: {status} {body}");
+    assert_eq!(deploy(a, "new", "fresh").await, 201);
+    etcd.compact();
+    drop(paused);
+
+    wait_serves(b, "kept", 200, Some("three")).await;
+    wait_serves(b, "new", 200, Some("fresh")).await;
+    wait_serves(b, "doomed", 404, None).await;
+    assert_eq!(
+        reloads(&b.metrics().await),
+        1.0,
+        "B reloaded the keyspace once, because its history was compacted"
+    );
+    // And it follows the watch again afterwards.
+    assert_eq!(deploy(a, "kept", "four").await, 201);
+    wait_serves(b, "kept", 200, Some("four")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_an_etcd_whose_revisions_went_back() {
+    let mut etcd = Etcd::start();
+    let nodes = start_nodes(&etcd, 2);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for answer in ["one", "two", "three", "four"] {
+        assert_eq!(deploy(a, "hello", answer).await, 201);
+    }
+    wait_serves(b, "hello", 200, Some("four")).await;
+
+    // A new, empty etcd on the same address: its revisions start below what B applied,
+    // so a watch resumed from B's revision would wait for revisions that never come.
+    etcd.wipe_and_restart();
+    assert_eq!(deploy_eventually(a, "fresh", "new").await, 201);
+    wait_serves(b, "fresh", 200, Some("new")).await;
+    wait_serves(b, "hello", 404, None).await;
+    wait_serves(a, "hello", 404, None).await;
+}
+
+#[test]
+fn a_malformed_store_url_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (url, expected) in [
+        ("etcd://127.0.0.1", "no :PORT"),
+        ("etcd://127.0.0.1:notaport", "no valid port"),
+        ("redis://127.0.0.1:6379", "expected etcd://HOST:PORT"),
+    ] {
+        let mut child = Command::new(common::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--store", url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn moontide serve");
+        let mut status = None;
+        for _ in 0..TRIES {
+            status = child.try_wait().expect("wait");
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("serve --store {url} did not refuse to start");
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{url}");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+    }
+}
