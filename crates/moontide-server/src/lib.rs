@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use moontide_runtime::{Engine, EngineConfig};
 use moontide_store::{SqliteStore, Store};
+#[cfg(feature = "etcd")]
 use moontide_store_etcd::{EtcdConfig, EtcdStore};
 
 use crate::admin::AdminState;
@@ -88,7 +89,9 @@ pub enum StoreConfig {
     /// `store.db` in the data dir (one node).
     #[default]
     Embedded,
-    /// An etcd cluster shared by every node (`etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`).
+    /// An etcd cluster shared by every node (`etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`;
+    /// the `etcd` feature).
+    #[cfg(feature = "etcd")]
     Etcd(EtcdConfig),
 }
 
@@ -97,10 +100,19 @@ impl std::str::FromStr for StoreConfig {
 
     /// `etcd://…` (see [`EtcdConfig::from_url`]); nothing else is a store URL yet.
     fn from_str(url: &str) -> Result<StoreConfig, String> {
+        #[cfg(feature = "etcd")]
         if url.starts_with("etcd://") {
             return EtcdConfig::from_url(url)
                 .map(StoreConfig::Etcd)
                 .map_err(|e| e.to_string());
+        }
+        #[cfg(not(feature = "etcd"))]
+        if url.starts_with("etcd://") {
+            return Err(format!(
+                "this moontide was built without etcd support, so it cannot use {url:?}: \
+                 build it with `cargo build --release --features etcd` (which needs protoc: \
+                 apt-get install protobuf-compiler)"
+            ));
         }
         Err(format!(
             "unsupported store {url:?}: expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX] \
@@ -259,6 +271,7 @@ pub async fn serve(
         StoreConfig::Embedded => Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?),
         // Connects lazily: a node started while etcd is down waits (not ready) until it
         // can load its config.
+        #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd).await?),
     };
     let metrics = Arc::new(Metrics::new());

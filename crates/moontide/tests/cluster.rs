@@ -6,7 +6,9 @@
 //! by themselves when etcd is back; a node whose watch falls behind a compaction (the
 //! APISIX failure: paused, history compacted, resumed) reloads and serves the latest.
 //!
-//! No timings: every wait polls with a bounded number of tries.
+//! No timings: every wait polls with a bounded number of tries. Built with the `etcd`
+//! feature (the test suite runs with `--all-features`).
+#![cfg(feature = "etcd")]
 
 mod common;
 
