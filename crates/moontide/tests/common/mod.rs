@@ -1,10 +1,12 @@
 //! Test harness: starts the real `moontide` binary on free loopback ports with a fresh data
 //! dir, and drives it over HTTP (reqwest) and through the CLI binary; [`prometheus`] runs a
-//! real Prometheus (and promtool) against it.
+//! real Prometheus (and promtool) against it, [`redis`] a real Redis for the `redis`
+//! module.
 
 #![allow(dead_code)]
 
 pub mod prometheus;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
