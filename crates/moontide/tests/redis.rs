@@ -256,12 +256,29 @@ async fn a_slow_command_ends_at_the_call_timeout_or_the_command_timeout_and_all_
     assert_eq!((status, body), (200, json!({"value": "slept"})));
 }
 
+/// The peak resident memory of the node process (not the supervisor), in bytes.
+async fn node_peak_rss(node: &Node) -> u64 {
+    let (_, status) = node
+        .admin_json(reqwest::Method::GET, "/v1/status", None)
+        .await;
+    let pid = status["node"]["pid"].as_u64().expect("the node's pid");
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib << 10
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_larger_than_the_instance_memory_is_a_memory_error() {
     let redis = Redis::start();
     let node = Node::start_with(&["--redis", &redis.url()]);
     // A 64 MiB string made by one command, as a tenant could make it.
     redis.command(&["SETRANGE", "big", &((64 << 20) - 1).to_string(), "x"]);
+    // And a 256 MiB one: refused from its header, it never reaches the node's memory.
+    redis.command(&["SETRANGE", "huge", &((256 << 20) - 1).to_string(), "x"]);
     node.deploy(
         "big",
         r#"local redis = require("redis")
@@ -285,6 +302,32 @@ end"#,
     assert_eq!(
         body,
         json!({"ok": false, "err": "not enough memory", "len": 3})
+    );
+
+    node.deploy(
+        "huge",
+        r#"local redis = require("redis")
+return function() return #redis.get("huge") end"#,
+        json!({"memory": "16MiB"}),
+    )
+    .await;
+    let before = node_peak_rss(&node).await;
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let http = node.http.clone();
+        let url = node.url("/fn/huge");
+        calls.push(tokio::spawn(async move {
+            http.get(url).send().await.expect("call").status().as_u16()
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 500);
+    }
+    // Had the replies been read, the node would have held 256 MiB for each at once.
+    let grown = node_peak_rss(&node).await.saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "the node's peak RSS grew by {grown} bytes"
     );
 }
 
