@@ -105,6 +105,11 @@ async fn concurrent_increments_count_exactly_and_functions_share_keys() {
     assert_eq!((status, body), (200, json!({"value": calls.to_string()})));
     let (_, body) = call(&node, "/fn/reader?key=nothing").await;
     assert_eq!(body, json!({"value": "missing"}));
+    // The node shows its Redis, without credentials.
+    let (_, status) = node
+        .admin_json(reqwest::Method::GET, "/v1/status", None)
+        .await;
+    assert_eq!(status["node"]["redis"], format!("{}/0", redis.url()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,4 +405,46 @@ async fn the_documented_redis_examples_run() {
             "block {index}:\n{code}\nlog: {log:?}"
         );
     }
+}
+
+/// Plugins `require("redis")` too: a route's access phase counts requests in Redis and
+/// refuses past a limit (the shape of a rate limit shared by many nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_uses_redis_in_its_access_phase() {
+    let redis = Redis::start();
+    let node = Node::start_with(&["--redis", &redis.url()]);
+    node.deploy("hello", "return function() return 'hello' end", json!({}))
+        .await;
+    let plugin = r#"local redis = require("redis")
+return {
+  access = function(req, ctx)
+    local n, err = redis.incr("plugin:" .. ctx.route)
+    if n == nil then return { statusCode = 503, body = err } end
+    if n > 3 then return { statusCode = 429, body = "limited after " .. (n - 1) } end
+  end,
+}"#;
+    let (status, body) = node
+        .admin_json(
+            reqwest::Method::PUT,
+            "/v1/plugins/limit",
+            Some(json!({ "source": plugin })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = node
+        .admin_json(
+            reqwest::Method::PUT,
+            "/v1/routes/limited",
+            Some(json!({"path": "/limited/*", "function": "hello",
+                        "plugins": [{"name": "limit"}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    for _ in 0..3 {
+        let (status, body) = call(&node, "/limited/x").await;
+        assert_eq!((status, body), (200, json!("hello")));
+    }
+    let (status, body) = call(&node, "/limited/x").await;
+    assert_eq!((status, body), (429, json!("limited after 3")));
+    assert_eq!(redis.command(&["GET", "plugin:limited"]), "4");
 }
