@@ -448,3 +448,37 @@ return {
     assert_eq!((status, body), (429, json!("limited after 3")));
     assert_eq!(redis.command(&["GET", "plugin:limited"]), "4");
 }
+
+/// The URL's password and database are used on every connection (`AUTH`, `SELECT`); a
+/// wrong password is the documented `nil, message`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_password_and_database_are_used() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let node = Node::start_with(&[
+        "--redis",
+        &format!("redis://:s3cret@127.0.0.1:{}/2", redis.port),
+    ]);
+    node.deploy("counter", COUNTER, json!({})).await;
+    let (status, body) = call(&node, "/fn/counter?key=in2").await;
+    assert_eq!((status, body), (200, json!({"n": 1})));
+    assert_eq!(redis.command_in(2, &["GET", "in2"]), "1");
+    assert_eq!(redis.command(&["GET", "in2"]), "nil");
+    // The status shows no password.
+    let (_, status) = node
+        .admin_json(reqwest::Method::GET, "/v1/status", None)
+        .await;
+    assert_eq!(
+        status["node"]["redis"],
+        format!("redis://127.0.0.1:{}/2", redis.port)
+    );
+
+    let wrong = Node::start_with(&[
+        "--redis",
+        &format!("redis://:nope@127.0.0.1:{}/2", redis.port),
+    ]);
+    wrong.deploy("counter", COUNTER, json!({})).await;
+    let (status, body) = call(&wrong, "/fn/counter?key=in2").await;
+    assert_eq!(status, 200, "{body}");
+    let err = body["err"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(err.starts_with("redis: AUTH failed: WRONGPASS"), "{err}");
+}

@@ -22,15 +22,31 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Extra `redis-server` arguments (e.g. `--requirepass`).
+    extra: Vec<String>,
+    /// The password the harness's own commands authenticate with.
+    password: Option<String>,
 }
 
 impl Redis {
     /// Starts a server on a free loopback port and waits until it answers PING.
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// Starts a server with extra arguments; `--requirepass P` makes the harness's own
+    /// commands authenticate with `P`.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let password = extra
+            .iter()
+            .position(|a| *a == "--requirepass")
+            .map(|at| extra[at + 1].to_string());
         let mut redis = Redis {
             child: None,
             port: 0,
             dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            password,
         };
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -56,6 +72,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -114,19 +131,47 @@ impl Redis {
     /// Runs one command; the reply as text (`nil` for a nil reply, `ERR:...` for an
     /// error, arrays' elements joined by `,`). Panics if the server cannot be reached.
     pub fn command(&self, args: &[&str]) -> String {
-        self.try_command(args)
+        self.command_in(0, args)
+    }
+
+    /// [`Redis::command`] in database `db`.
+    pub fn command_in(&self, db: u32, args: &[&str]) -> String {
+        self.try_command_in(db, args)
             .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
 
     fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
+        self.try_command_in(0, args)
+    }
+
+    /// On a new connection: `AUTH` if the server wants a password, `SELECT db` if not 0,
+    /// then the command; the command's reply.
+    fn try_command_in(&self, db: u32, args: &[&str]) -> std::io::Result<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut command = format!("*{}\r\n", args.len());
-        for arg in args {
-            command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        let db = db.to_string();
+        let mut commands: Vec<Vec<&str>> = Vec::new();
+        if let Some(password) = &self.password {
+            commands.push(vec!["AUTH", password.as_str()]);
         }
-        stream.write_all(command.as_bytes())?;
-        read_reply(&mut BufReader::new(stream))
+        if db != "0" {
+            commands.push(vec!["SELECT", &db]);
+        }
+        commands.push(args.to_vec());
+        let mut text = String::new();
+        for command in &commands {
+            text.push_str(&format!("*{}\r\n", command.len()));
+            for arg in command {
+                text.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+            }
+        }
+        stream.write_all(text.as_bytes())?;
+        let mut reader = BufReader::new(stream);
+        let mut reply = String::new();
+        for _ in &commands {
+            reply = read_reply(&mut reader)?;
+        }
+        Ok(reply)
     }
 }
 
