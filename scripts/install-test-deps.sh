@@ -16,6 +16,9 @@ command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# Debian's redis-server package: the `redis` module's tests start their own on free ports.
+# Its postinst may start a system redis on :6379; harmless, as for prometheus.
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi

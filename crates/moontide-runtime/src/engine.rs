@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::egress::{AllowRule, DenyReason, EgressObserver, NodeEgress, Outbound, Policy};
+use crate::modules::redis::{RedisClient, RedisConfig};
 use crate::modules::shared::SharedDict;
 
 /// Node-wide runtime settings.
@@ -18,6 +19,9 @@ pub struct EngineConfig {
     pub egress: NodeEgress,
     /// Told of every outbound call the egress policy refuses.
     pub egress_observer: Option<Arc<dyn EgressObserver>>,
+    /// The node's Redis for the `redis` module (`serve --redis`); none: every command
+    /// answers `nil, "redis is not configured ..."`.
+    pub redis: Option<RedisConfig>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -26,6 +30,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("shared_dict_bytes", &self.shared_dict_bytes)
             .field("http_connect_timeout", &self.http_connect_timeout)
             .field("egress", &self.egress)
+            .field("redis", &self.redis)
             .finish_non_exhaustive()
     }
 }
@@ -37,6 +42,7 @@ impl Default for EngineConfig {
             http_connect_timeout: Duration::from_secs(5),
             egress: NodeEgress::default(),
             egress_observer: None,
+            redis: None,
         }
     }
 }
@@ -45,13 +51,15 @@ impl Default for EngineConfig {
 /// cache starts over (clients handed out live on with their functions).
 const MAX_CACHED_POLICIES: usize = 1024;
 
-/// What every instance on the node shares: the `shared` dictionary and the outbound HTTP
+/// What every instance on the node shares: the `shared` dictionary, the outbound HTTP
 /// clients (with their connection pools): one for every function without an allowlist
-/// of its own, one per distinct per-function allowlist. Cheap to clone.
+/// of its own, one per distinct per-function allowlist; and the Redis client (its
+/// connections are pooled per thread, see `modules::redis::client`). Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<SharedDict>,
     egress: Arc<EgressState>,
+    redis: Option<Arc<RedisClient>>,
 }
 
 struct EgressState {
@@ -82,7 +90,16 @@ impl Engine {
                 by_allowlist: parking_lot::Mutex::default(),
                 observer: config.egress_observer.clone(),
             }),
+            redis: config
+                .redis
+                .clone()
+                .map(|config| Arc::new(RedisClient::new(config))),
         })
+    }
+
+    /// The node's Redis client, if `serve --redis` configured one.
+    pub fn redis(&self) -> Option<Arc<RedisClient>> {
+        self.redis.clone()
     }
 
     pub fn shared_dict(&self) -> Arc<SharedDict> {

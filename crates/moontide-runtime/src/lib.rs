@@ -19,8 +19,11 @@
 //! metadata addresses (in every spelling) and the node's own listeners are refused unless
 //! an allowlist opens them; the node tells the [`Engine`] its listeners and allowlist.
 //!
-//! This crate knows nothing about sockets, routing, pools or storage: it turns an event
-//! into a result under limits. Backend-specific code (Luau sandboxing, interrupt, memory
+//! The `redis` module (`modules::redis`) talks to the node's Redis (`serve --redis`), the
+//! operator's address, outside the egress policy, over a connection pool per thread.
+//!
+//! This crate knows nothing about sockets (but the outbound connections of `http` and
+//! `redis`), routing or storage: it turns an event into a result under limits. Backend-specific code (Luau sandboxing, interrupt, memory
 //! accounting) is confined to [`sandbox`] and `watchdog` (the crate's only `unsafe`: it
 //! arms Luau's interrupt only when a call's timeslice or deadline is due, so limits cost
 //! a CPU-bound function nothing until then).

@@ -424,6 +424,7 @@ fn require_function(
         .outbound(spec.engine)
         .map_err(mlua::Error::runtime)?;
     let limits = spec.limits;
+    let redis = spec.engine.redis();
     // A refused outbound call: a warn line in the function's log, and the node's count.
     let on_denied: modules::http::OnDenied = {
         let engine = spec.engine.clone();
@@ -461,10 +462,11 @@ fn require_function(
                 "shared" => modules::shared::module(lua, engine_shared.clone())?,
                 "log" => modules::log::module(lua, emit_log.clone())?,
                 "http" => modules::http::module(lua, outbound.clone(), limits, on_denied.clone())?,
+                "redis" => modules::redis::module(lua, redis.clone(), limits.memory_bytes)?,
                 _ => {
                     return Err(mlua::Error::runtime(format!(
-                        "module '{name}' not found: not a built-in module (json, http, shared, \
-                         log, time, crypto) and not a file of this bundle"
+                        "module '{name}' not found: not a built-in module (json, http, redis, \
+                         shared, log, time, crypto) and not a file of this bundle"
                     )));
                 }
             };

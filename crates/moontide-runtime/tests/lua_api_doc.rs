@@ -105,7 +105,7 @@ async fn every_function_of_every_built_in_module_is_documented() {
         &engine,
         r#"
         local names = {}
-        for _, module in ipairs({ "json", "crypto", "time", "shared", "log", "http" }) do
+        for _, module in ipairs({ "json", "crypto", "time", "shared", "log", "http", "redis" }) do
           for key in pairs(require(module)) do
             names[#names + 1] = module .. "." .. key
           end

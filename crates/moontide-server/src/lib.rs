@@ -368,6 +368,7 @@ pub async fn serve(
             "admin": admin_addr.to_string(),
             "data_dir": config.data_dir.display().to_string(),
             "egress_allow": config.engine.egress.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "redis": config.engine.redis.as_ref().map(|redis| redis.redacted()),
         }),
     });
     admin_listener.set_nonblocking(true)?;

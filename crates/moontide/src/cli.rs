@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use moontide_runtime::egress::AllowRule;
+use moontide_runtime::modules::redis::RedisConfig;
 use moontide_server::ServeConfig;
 use moontide_supervisor::supervise;
 use serde_json::{Value, json};
@@ -150,6 +151,18 @@ enum Command {
         /// same admin token through MOONTIDE_ADMIN_TOKEN.
         #[arg(long, value_name = "URL")]
         store: Option<moontide_server::StoreConfig>,
+        /// The Redis every function's `redis` module talks to:
+        /// redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. Not subject to the egress policy
+        /// (it is the operator's address; no function can name another).
+        #[arg(long, value_name = "URL", value_parser = parse_redis)]
+        redis: Option<RedisConfig>,
+        /// Longest one `redis` command may take (waiting for a connection included),
+        /// e.g. 5s; then it returns `nil, message`.
+        #[arg(long, default_value = "5s", value_parser = parse_timeout)]
+        redis_timeout: Duration,
+        /// Longest opening a connection to Redis may take, e.g. 1s.
+        #[arg(long, default_value = "1s", value_parser = parse_timeout)]
+        redis_connect_timeout: Duration,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -264,6 +277,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_connections_per_ip,
             metrics_public,
             store,
+            redis,
+            redis_timeout,
+            redis_connect_timeout,
         } => {
             let mut config = ServeConfig {
                 data_dir: cli.data_dir.clone(),
@@ -287,6 +303,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..ServeConfig::default()
             };
             config.engine.egress.allow = egress_allow;
+            config.engine.redis = redis.map(|redis| RedisConfig {
+                command_timeout: redis_timeout,
+                connect_timeout: redis_connect_timeout,
+                ..redis
+            });
             if let Some(workers) = workers {
                 if workers == 0 {
                     bail!("--workers must be at least 1");
@@ -383,6 +404,11 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         return Err("must be more than 0".to_string());
     }
     Ok(duration)
+}
+
+/// `--redis` of `serve`.
+fn parse_redis(text: &str) -> Result<RedisConfig, String> {
+    RedisConfig::parse(text)
 }
 
 /// `--egress-allow` of `serve`: one allowlist entry.

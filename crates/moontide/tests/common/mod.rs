@@ -1,13 +1,14 @@
 //! Test harness: starts the real `moontide` binary on free loopback ports with a fresh data
 //! dir, and drives it over HTTP (reqwest) and through the CLI binary; [`etcd`] runs a real
-//! etcd for cluster tests; [`prometheus`] runs a
-//! real Prometheus (and promtool) against it.
+//! etcd for cluster tests; [`prometheus`] runs a real Prometheus (and promtool) against it,
+//! [`redis`] a real Redis for the `redis` module.
 
 #![allow(dead_code)]
 
 pub mod etcd;
 pub mod prometheus;
 pub mod raw_http;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
