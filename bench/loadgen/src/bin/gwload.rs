@@ -104,9 +104,10 @@ enum Command {
         admin: String,
         #[arg(long)]
         token_file: PathBuf,
-        /// Data plane base URL (http://127.0.0.1:PORT).
-        #[arg(long)]
-        data: String,
+        /// Data plane base URL (http://127.0.0.1:PORT); several, comma-separated, for the
+        /// nodes of a cluster: a new route counts as served when every one serves it.
+        #[arg(long, value_delimiter = ',', required = true)]
+        data: Vec<String>,
         #[arg(long)]
         upstream: String,
         /// Existing routes r0..r<existing-1> (from `routes`), updated by the churn.
@@ -565,7 +566,7 @@ async fn routes(
 struct ChurnArgs {
     admin: String,
     token_file: PathBuf,
-    data: String,
+    data: Vec<String>,
     upstream: String,
     existing: usize,
     rate: f64,
@@ -582,7 +583,12 @@ async fn churn(args: ChurnArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out)?;
     let mut admin = Admin::new(&args.admin, &args.token_file).await?;
-    let mut data = Conn::new(&args.data).await?;
+    let mut nodes = Vec::with_capacity(args.data.len());
+    for url in &args.data {
+        nodes.push(Conn::new(url).await?);
+    }
+    // Per node: change-to-serve of every new route on that node.
+    let mut node_serve_us: Vec<Vec<i64>> = vec![Vec::new(); nodes.len()];
     let clock = Clock::new();
     let t0 = clock.start;
     tokio::time::sleep_until(t0 + args.before).await;
@@ -631,17 +637,28 @@ async fn churn(args: ChurnArgs) -> anyhow::Result<()> {
                     )
                     .await?;
                 let acked = Instant::now();
-                // Poll back to back over one keep-alive connection until the new path
-                // answers from the upstream. Each poll is one round trip through the
-                // gateway, so the figure overshoots by at most one poll.
+                // Poll back to back over one keep-alive connection per node, round robin
+                // over the nodes that do not serve it yet, until every one answers from
+                // the upstream. Each poll is one round trip through the gateway, so a
+                // node's figure overshoots by at most one round of polls.
                 let mut polls = 0u64;
+                let mut waiting: Vec<usize> = (0..nodes.len()).collect();
+                let mut turn = 0usize;
                 let served_at = loop {
                     polls += 1;
-                    let (status, body) = data.send(Method::GET, &path, None, None).await?;
+                    turn %= waiting.len();
+                    let node = waiting[turn];
+                    let (status, body) = nodes[node].send(Method::GET, &path, None, None).await?;
                     let now = Instant::now();
                     if status == 200 && body.as_ref() == b"ok\n" {
-                        break now;
+                        node_serve_us[node].push(now.duration_since(acked).as_micros() as i64);
+                        waiting.remove(turn);
+                        if waiting.is_empty() {
+                            break now;
+                        }
+                        continue;
                     }
+                    turn += 1;
                     if status != 404 {
                         bail!(
                             "new route {path}: answered {status} '{}' (expected 404 until it serves, then 200 ok)",
@@ -752,6 +769,21 @@ async fn churn(args: ChurnArgs) -> anyhow::Result<()> {
         pct(&serve_us, 99.0) as f64 / 1000.0,
         serve_us.last().copied().unwrap_or(0) as f64 / 1000.0,
     );
+    let mut summary = summary;
+    if nodes.len() > 1 {
+        summary.push_str(
+            "change-to-serve on every node (the line above) is the slowest node's; per node:\n",
+        );
+        for (url, served) in args.data.iter().zip(&mut node_serve_us) {
+            served.sort_unstable();
+            summary.push_str(&format!(
+                "  {url}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms\n",
+                pct(served, 50.0) as f64 / 1000.0,
+                pct(served, 99.0) as f64 / 1000.0,
+                served.last().copied().unwrap_or(0) as f64 / 1000.0,
+            ));
+        }
+    }
     std::fs::write(args.out.join("churn.txt"), &summary)?;
     print!("{summary}");
     Ok(())
