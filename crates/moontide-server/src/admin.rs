@@ -60,6 +60,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/plugins/{name}"),
     ("DELETE", "/v1/plugins/{name}"),
     ("GET", "/v1/plugins/{name}/logs"),
+    ("GET", "/v1/nodes"),
+    ("GET", "/v1/scaling"),
 ];
 
 /// Largest admin request body (a bundle is at most 8 MiB of source, JSON-escaped).
@@ -77,6 +79,18 @@ pub struct AdminState {
     pub metrics_public: bool,
     pub started: Instant,
     pub node: serde_json::Value,
+    /// This node in the node registry (`/v1/nodes`, `/v1/scaling`, `?wait=cluster`).
+    pub cluster: Arc<crate::cluster::ClusterNode>,
+}
+
+impl AdminState {
+    /// What every admin write does once the store has it: waits (bounded) until this
+    /// node serves `revision`, and reports it to `?wait=cluster` and
+    /// `X-Moontide-Revision` (`cluster::wait_layer`).
+    pub(crate) async fn acknowledge(&self, revision: u64) {
+        self.registry.wait_for(revision, SERVE_WAIT).await;
+        crate::cluster::acknowledged(revision);
+    }
 }
 
 type Shared = State<Arc<AdminState>>;
@@ -115,7 +129,13 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 .delete(gateway::delete_plugin),
         )
         .route("/v1/plugins/{name}/logs", get(gateway::plugin_logs))
-        .route("/v1/openapi.json", get(openapi));
+        .route("/v1/nodes", get(crate::cluster::list_nodes))
+        .route("/v1/scaling", get(crate::cluster::scaling))
+        .route("/v1/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::wait_layer,
+        ));
     // `/metrics` lists every function, upstream node and plugin: the token guards it
     // unless the operator chose to let scrapers in without one.
     let (authed, open) = if state.metrics_public {
@@ -594,7 +614,7 @@ async fn deploy(
             )
             .await?;
         if outcome.succeeded {
-            state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+            state.acknowledge(outcome.revision).await;
             return Ok(json_response(
                 StatusCode::CREATED,
                 json!({"name": name, "version": next_version, "revision": outcome.revision}),
@@ -616,7 +636,7 @@ async fn unchanged(
     sha256: &str,
     config: &crate::api::FunctionConfig,
 ) -> Result<Option<Response>, ApiError> {
-    let Some((record, _)) = head else {
+    let Some((record, head_revision)) = head else {
         return Ok(None);
     };
     let Some(kv) = state
@@ -630,6 +650,8 @@ async fn unchanged(
         .ok()
         .filter(|active| active.sha256 == sha256 && active.config == *config)
         .map(|active| {
+            // Nothing was written; `?wait=cluster` waits for what serves it already.
+            crate::cluster::acknowledged(kv.mod_revision.max(*head_revision));
             json_response(
                 StatusCode::OK,
                 json!({"name": name, "version": active.version, "unchanged": true,
@@ -669,7 +691,7 @@ async fn remove_function(
             "the function changed; try again",
         ));
     }
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     state.registry.logs.remove(&name);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -756,7 +778,7 @@ async fn rollback(
             "the function changed; try again",
         ));
     }
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     Ok(json_response(
         StatusCode::OK,
         json!({"name": name, "version": target, "previous_version": head.active_version, "revision": outcome.revision}),

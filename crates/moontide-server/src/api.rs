@@ -465,6 +465,22 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A node's name in the registry (`serve --node-name`): what `moontide nodes` shows and
+/// the registry's key, so no `/`.
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if valid {
+        Ok(())
+    } else {
+        Err("node names are 1-253 letters, digits, '-', '_', '.' or ':', starting with a letter or digit".into())
+    }
+}
+
 /// `1500` ms as `1.5s`, `250` ms as `250ms`: for error messages.
 /// Validates an optional duration field into whole milliseconds within `range`; an
 /// absent field leaves `target` at its default.

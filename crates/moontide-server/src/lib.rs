@@ -20,6 +20,7 @@ pub mod admin;
 pub mod api;
 pub mod autoscale;
 pub mod budget;
+pub mod cluster;
 pub mod dataplane;
 pub mod edge;
 pub mod errors;
@@ -38,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moontide_runtime::{Engine, EngineConfig};
-use moontide_store::{SqliteStore, Store};
+use moontide_store::{LocalMembership, Membership, SqliteStore, Store};
 #[cfg(feature = "etcd")]
 use moontide_store_etcd::{EtcdConfig, EtcdStore};
 
@@ -63,6 +64,16 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Longest time calls in flight may take to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// At shutdown, how long the node keeps serving while `/readyz` answers 503 and its
+    /// registry record says `draining`, so load balancers stop sending first.
+    pub drain_delay: Duration,
+    /// The node's name in the registry (`None`: `HOSTNAME:DATA_PORT`).
+    pub node_name: Option<String>,
+    /// The host others reach this node at (`None`: the listen address, or the host name
+    /// when it listens on every address).
+    pub advertise: Option<String>,
+    /// The registry lease's time-to-live: how long a node that died stays listed.
+    pub node_ttl: Duration,
     /// Largest request body the data plane reads.
     pub max_body_bytes: usize,
     /// Most Lua instances on the node, all functions together.
@@ -129,6 +140,10 @@ impl Default for ServeConfig {
             admin: SocketAddr::from(([127, 0, 0, 1], 9080)),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
+            node_name: None,
+            advertise: None,
+            node_ttl: Duration::from_secs(10),
             max_body_bytes: 6 << 20,
             max_instances: 20_000,
             max_instance_memory: budget::default_memory_budget(),
@@ -245,6 +260,29 @@ fn log_crashes(logs: &LogHub, crashes: &Ledger) {
     }
 }
 
+/// This machine's host name (a Kubernetes pod's name), for the default node name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// The address others reach a listener at: `HOST:PORT` with the advertised host, else
+/// the bound address, or the host name when it is bound to every address.
+fn advertised(host: Option<&str>, bound: SocketAddr) -> String {
+    match host {
+        Some(host) if host.contains(':') && !host.starts_with('[') => {
+            format!("[{host}]:{}", bound.port())
+        }
+        Some(host) => format!("{host}:{}", bound.port()),
+        None if bound.ip().is_unspecified() => format!("{}:{}", host_name(), bound.port()),
+        None => bound.to_string(),
+    }
+}
+
 /// Runs a node until `shutdown` resolves, on the listeners the supervisor bound and handed
 /// over (`moontide_supervisor::supervise`). `on_ready` receives the bound data-plane and
 /// admin addresses once the first snapshot serves.
@@ -267,12 +305,20 @@ pub async fn serve(
         path: token_path(&config.data_dir),
         source,
     })?;
-    let store: Arc<dyn Store> = match &config.store {
-        StoreConfig::Embedded => Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?),
+    // The node registry lives beside the config: in this process on the embedded store
+    // (the node is its whole cluster), in etcd under leases otherwise.
+    let (store, membership): (Arc<dyn Store>, Arc<dyn Membership>) = match &config.store {
+        StoreConfig::Embedded => (
+            Arc::new(SqliteStore::open(&config.data_dir.join("store.db"))?),
+            Arc::new(LocalMembership::new()),
+        ),
         // Connects lazily: a node started while etcd is down waits (not ready) until it
         // can load its config.
         #[cfg(feature = "etcd")]
-        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd).await?),
+        StoreConfig::Etcd(etcd) => {
+            let etcd = Arc::new(EtcdStore::connect(etcd).await?);
+            (etcd.clone(), etcd)
+        }
     };
     let metrics = Arc::new(Metrics::new());
     metrics
@@ -312,6 +358,20 @@ pub async fn serve(
     engine_config.egress_observer = Some(Arc::new(metrics::EgressDenials(metrics.clone())));
     let engine = Engine::new(&engine_config).map_err(ServeError::Runtime)?;
 
+    let (cluster, registrar) = cluster::ClusterNode::start(
+        membership,
+        cluster::ClusterConfig {
+            name: config
+                .node_name
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", host_name(), data_addr.port())),
+            data_plane: advertised(config.advertise.as_deref(), data_addr),
+            admin: advertised(config.advertise.as_deref(), admin_addr),
+            ttl: config.node_ttl,
+        },
+        registry.clone(),
+        metrics.clone(),
+    );
     let builder = tokio::spawn(registry::run_builder(registry.clone(), store.clone()));
     // Active health checks run here, on the admin runtime, never on data-plane workers.
     let checker = tokio::spawn(gateway::health::run(registry.clone()));
@@ -321,6 +381,7 @@ pub async fn serve(
     while !registry.is_ready() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    cluster.set_state(moontide_cluster::NodeState::Ready);
     // One statement per label: `get_or_create` returns a read guard, and a second call
     // creating a series while the first guard lives would wait for it forever.
     let refused = |refusal: edge::conn_limits::Refusal| {
@@ -359,7 +420,9 @@ pub async fn serve(
         token,
         metrics_public: config.metrics_public,
         started,
+        cluster: cluster.clone(),
         node: serde_json::json!({
+            "name": cluster.name,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "restarts": listeners.restarts,
@@ -386,12 +449,23 @@ pub async fn serve(
     on_ready(data_addr, admin_addr);
 
     shutdown.await;
+    // Draining: still serving, but `/readyz` says 503 and the registry says `draining`,
+    // so load balancers (a Kubernetes Service) stop sending before the listeners close.
+    registry.start_draining();
+    cluster.set_state(moontide_cluster::NodeState::Draining);
+    if !config.drain_delay.is_zero() {
+        tracing::info!(delay = ?config.drain_delay, "draining: not ready, still serving");
+        tokio::time::sleep(config.drain_delay).await;
+    }
     tracing::info!("shutting down: no new connections; finishing calls in flight");
     let _ = stop_workers.send(true);
     let _ = stop_admin.send(());
     let joined = tokio::task::spawn_blocking(move || workers.join());
     let _ = tokio::time::timeout(config.shutdown_grace + Duration::from_secs(1), joined).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    // Last: leave the registry (the record goes now, not a lease TTL later).
+    cluster.leave();
+    let _ = tokio::time::timeout(Duration::from_secs(4), registrar).await;
     builder.abort();
     checker.abort();
     Ok(())

@@ -324,6 +324,11 @@ pub struct Metrics {
     pub node_memory_budget: Gauge,
     /// Full reloads of the config after its watch history was compacted.
     pub config_reloads: Counter,
+    /// The node registry's view (`moontide-cluster`): live nodes, and how many the
+    /// cluster needs; and this node's own demand, in nodes.
+    pub cluster_nodes: Gauge,
+    pub cluster_desired_nodes: Gauge,
+    pub node_demand: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -363,6 +368,24 @@ impl Metrics {
         let node_memory = Gauge::default();
         let node_memory_budget = Gauge::default();
         let config_reloads = Counter::default();
+        let cluster_nodes = Gauge::default();
+        let cluster_desired_nodes = Gauge::default();
+        let node_demand = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "cluster_nodes",
+            "Live nodes in the node registry (this node alone on the embedded store)",
+            cluster_nodes.clone(),
+        );
+        registry.register(
+            "cluster_desired_nodes",
+            "Nodes the cluster needs: the live nodes' demand over a 0.7 target utilization, rounded up (the HPA's external metric; KEDA reads the same from /v1/scaling)",
+            cluster_desired_nodes.clone(),
+        );
+        registry.register(
+            "node_demand",
+            "This node's load in nodes: the largest of CPU use times backlog, desired instances over the instance budget, and memory over the memory budget",
+            node_demand.clone(),
+        );
         registry.register(
             "config_reloads",
             "Full reloads of the config because the store's history was compacted past the revision this node served",
@@ -572,6 +595,9 @@ impl Metrics {
             node_memory,
             node_memory_budget,
             config_reloads,
+            cluster_nodes,
+            cluster_desired_nodes,
+            node_demand,
         }
     }
 
@@ -826,6 +852,11 @@ impl FunctionMetrics {
     pub fn scaled_down(&self, why: ScaleDown, by: u64) {
         let index = SCALE_DOWN.iter().position(|(w, _)| *w == why).unwrap_or(0);
         self.scale_down[index].inc_by(by);
+    }
+
+    /// Calls of this function shed so far, for every reason.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.iter().map(Counter::get).sum()
     }
 
     pub fn shed(&self, why: Shed) {

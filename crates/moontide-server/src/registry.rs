@@ -123,6 +123,8 @@ pub struct Registry {
     /// The crash ledger as this node process found it at start (only the supervisor
     /// writes it, between node processes).
     pub crashes: moontide_supervisor::ledger::Ledger,
+    /// Set at shutdown: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
 }
 
 impl Registry {
@@ -141,6 +143,7 @@ impl Registry {
             metrics,
             logs,
             long_running: parking_lot::Mutex::default(),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -153,9 +156,15 @@ impl Registry {
         self.current.clone()
     }
 
-    /// `true` once the first snapshot from the store is serving.
+    /// `true` once the first snapshot from the store is serving, until the node starts
+    /// draining (`/readyz` answers 503 then, so load balancers stop sending).
     pub fn is_ready(&self) -> bool {
-        self.published.borrow().is_some()
+        self.published.borrow().is_some() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The node is shutting down: it still serves, but no longer says it is ready.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// A receiver told of every published snapshot (its revision).

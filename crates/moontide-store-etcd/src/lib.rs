@@ -19,11 +19,16 @@
 //! Every key is stored under a prefix (`/moontide/` by default, the URL's path otherwise),
 //! so several clusters can share one etcd; the prefix never leaves this crate.
 //!
+//! [`EtcdStore`] is also the cluster's node registry (`moontide_store::Membership`): see
+//! the `membership` module.
+//!
 //! Each unary call is bounded by [`REQUEST_TIMEOUT`]: with etcd unreachable, the client's
 //! balanced channel would otherwise wait for an endpoint forever, and a write must fail
 //! (`503 store_unavailable` at the admin API) instead of hanging.
 
 #![forbid(unsafe_code)]
+
+mod membership;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -437,7 +442,7 @@ fn fold_ops(ops: Vec<Op>) -> Vec<Op> {
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range end).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -448,7 +453,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0] // every key
 }
 
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     call: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
@@ -466,7 +471,7 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64, 
         .ok_or_else(|| StoreError::Backend("etcd answered without a header".into()))
 }
 
-fn backend(error: etcd_client::Error) -> StoreError {
+pub(crate) fn backend(error: etcd_client::Error) -> StoreError {
     let message = error.to_string();
     if message.contains("request is too large") {
         return StoreError::Backend(format!(
@@ -486,6 +491,7 @@ fn clone_error(error: &StoreError) -> StoreError {
         StoreError::Backend(message) => StoreError::Backend(message.clone()),
         StoreError::Compacted(revision) => StoreError::Compacted(*revision),
         StoreError::Closed => StoreError::Closed,
+        StoreError::LeaseExpired => StoreError::LeaseExpired,
     }
 }
 

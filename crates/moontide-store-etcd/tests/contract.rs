@@ -105,3 +105,45 @@ async fn calls_fail_while_etcd_is_down_and_work_when_it_is_back() {
     );
     assert_eq!(store.get("k").await.unwrap().unwrap().value, b"3");
 }
+
+#[tokio::test]
+async fn etcd_membership_meets_the_membership_contract() {
+    let etcd = etcd::Etcd::start();
+    let store = EtcdStore::connect(&EtcdConfig::from_url(&etcd.store_url()).unwrap())
+        .await
+        .unwrap();
+    contract::run_membership(&store).await;
+}
+
+/// Member records stay out of the config keyspace: a node reporting the revision it
+/// serves must not wake every node's config watch (which would report again, forever).
+#[tokio::test]
+async fn member_records_are_invisible_to_the_config_keyspace() {
+    use moontide_store::Membership;
+    let etcd = etcd::Etcd::start();
+    let store = EtcdStore::connect(&EtcdConfig::from_url(&etcd.store_url()).unwrap())
+        .await
+        .unwrap();
+    let from = store.revision().await.unwrap();
+    let mut watch = store.watch("", from).await.unwrap();
+    let lease = store
+        .join("node-a", b"record".to_vec(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    lease.update(b"again".to_vec()).await.unwrap();
+    write(&store, vec![put("f/head/x", "config")]).await;
+    let batch = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the config write arrives")
+        .unwrap()
+        .unwrap();
+    let keys: Vec<&str> = batch.iter().map(|event| event.key()).collect();
+    assert_eq!(keys, ["f/head/x"], "the config watch saw only config");
+    let (config, _) = store.range("").await.unwrap();
+    assert_eq!(
+        config.len(),
+        1,
+        "range over the config sees no member: {config:?}"
+    );
+    assert_eq!(store.members().await.unwrap().len(), 1);
+}

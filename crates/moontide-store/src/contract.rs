@@ -436,3 +436,101 @@ async fn watch_from_a_compacted_revision_returns_compacted<T: Subject>(subject: 
         [ev("k", revisions[4], Some("5"))]
     );
 }
+
+/// The membership contract: what every [`Membership`](crate::Membership) must do. `fresh`
+/// gives a registry with no members (the cases join, look, leave).
+pub async fn run_membership<M: crate::Membership>(members: &M) {
+    use crate::membership::Member;
+    eprintln!("membership contract: join, update, leave");
+    let ttl = Duration::from_secs(2);
+    let a = members
+        .join("a", b"one".to_vec(), ttl)
+        .await
+        .expect("join a");
+    let b = members
+        .join("b", b"two".to_vec(), ttl)
+        .await
+        .expect("join b");
+    let listed = members.members().await.expect("members");
+    assert_eq!(
+        listed,
+        vec![
+            Member {
+                name: "a".into(),
+                record: b"one".to_vec()
+            },
+            Member {
+                name: "b".into(),
+                record: b"two".to_vec()
+            }
+        ],
+        "members are listed sorted by name with their records"
+    );
+    a.update(b"three".to_vec()).await.expect("update");
+    a.renew().await.expect("renew a live lease");
+    let listed = members.members().await.expect("members");
+    assert_eq!(listed[0].record, b"three", "update replaces the record");
+    b.leave().await.expect("leave");
+    let listed = members.members().await.expect("members");
+    assert_eq!(
+        listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["a"],
+        "a member that left is gone at once"
+    );
+
+    eprintln!("membership contract: a lease nobody renews expires with its record");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listed = members.members().await.expect("members");
+        if listed.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an unrenewed 2 s lease still holds its record after {WAIT:?}: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        matches!(a.renew().await, Err(StoreError::LeaseExpired)),
+        "renewing an expired lease says so"
+    );
+    assert!(
+        matches!(
+            a.update(b"late".to_vec()).await,
+            Err(StoreError::LeaseExpired)
+        ),
+        "writing under an expired lease says so"
+    );
+    assert!(
+        members.members().await.expect("members").is_empty(),
+        "a write under an expired lease does not bring the record back"
+    );
+
+    eprintln!("membership contract: renewing keeps a record past its ttl");
+    let kept = members
+        .join("kept", b"x".to_vec(), ttl)
+        .await
+        .expect("join");
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kept.renew().await.expect("renew");
+    }
+    assert_eq!(
+        members.members().await.expect("members").len(),
+        1,
+        "a renewed lease outlives its ttl"
+    );
+    let again = members
+        .join("kept", b"y".to_vec(), ttl)
+        .await
+        .expect("rejoin");
+    assert_eq!(
+        members.members().await.expect("members")[0].record,
+        b"y",
+        "joining under a taken name replaces the record"
+    );
+    again.leave().await.expect("leave");
+    kept.leave().await.expect("leaving twice is fine");
+    assert!(members.members().await.expect("members").is_empty());
+}

@@ -20,8 +20,10 @@
 
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod membership;
 mod sqlite;
 
+pub use membership::{LocalMembership, Member, Membership};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
 use async_trait::async_trait;
@@ -142,4 +144,7 @@ pub enum StoreError {
     Compacted(Revision),
     #[error("store is closed")]
     Closed,
+    /// A [`membership::Lease`] ran out before it was renewed; its record is gone.
+    #[error("the lease expired")]
+    LeaseExpired,
 }

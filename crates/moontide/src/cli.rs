@@ -163,6 +163,25 @@ enum Command {
         /// Longest opening a connection to Redis may take, e.g. 1s.
         #[arg(long, default_value = "1s", value_parser = parse_timeout)]
         redis_connect_timeout: Duration,
+        /// This node's name in the node registry (`moontide nodes`); default
+        /// HOSTNAME:DATA_PORT.
+        #[arg(long, env = "MOONTIDE_NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
+        /// The host other nodes and load balancers reach this node at (e.g. a pod's IP);
+        /// default: the listen address, or the host name when listening on 0.0.0.0.
+        #[arg(long, env = "MOONTIDE_ADVERTISE", value_name = "HOST")]
+        advertise: Option<String>,
+        /// How long a node that died stays in the registry (its lease's time-to-live).
+        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        node_ttl: Duration,
+        /// On SIGTERM, keep serving this long with /readyz answering 503 and the registry
+        /// saying `draining`, so load balancers stop sending first (e.g. 5s under
+        /// Kubernetes); then stop accepting.
+        #[arg(long, default_value = "0s", value_parser = parse_duration_or_zero)]
+        drain_delay: Duration,
+        /// Then give calls in flight this long to finish.
+        #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+        shutdown_grace: Duration,
     },
     /// Deploy a function from a .lua file, a directory with main.lua, or a .zip bundle.
     Deploy {
@@ -206,6 +225,9 @@ enum Command {
     },
     /// List functions.
     Ls,
+    /// List the cluster's live nodes (the node registry): state, served config revision,
+    /// addresses and load. `*` marks the node that answered.
+    Nodes,
     /// Show a function.
     Info { name: String },
     /// Remove a function and all its versions.
@@ -247,7 +269,7 @@ impl Command {
             | Command::Rollback { name, .. }
             | Command::Versions { name }
             | Command::Logs { name, .. } => Some(name),
-            Command::Serve { .. } | Command::Ls | Command::Apply { .. } => None,
+            Command::Serve { .. } | Command::Ls | Command::Nodes | Command::Apply { .. } => None,
         }
     }
 }
@@ -280,7 +302,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             redis,
             redis_timeout,
             redis_connect_timeout,
+            node_name,
+            advertise,
+            node_ttl,
+            drain_delay,
+            shutdown_grace,
         } => {
+            if let Some(name) = &node_name {
+                moontide_server::api::validate_node_name(name)
+                    .map_err(|message| anyhow::anyhow!("--node-name {name:?}: {message}"))?;
+            }
             let mut config = ServeConfig {
                 data_dir: cli.data_dir.clone(),
                 listen,
@@ -295,6 +326,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     per_ip: max_connections_per_ip,
                 },
                 metrics_public,
+                node_name,
+                advertise,
+                node_ttl,
+                drain_delay,
+                shutdown_grace,
                 store: store.unwrap_or_default(),
                 // One credential for every node of a cluster (e.g. a Kubernetes Secret).
                 admin_token: std::env::var("MOONTIDE_ADMIN_TOKEN")
@@ -385,6 +421,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client()?.invoke(&name, event).await
         }
         Command::Ls => client()?.list().await,
+        Command::Nodes => client()?.nodes().await,
         Command::Info { name } => client()?.info(&name).await,
         Command::Rm { name } => client()?.remove(&name).await,
         Command::Rollback { name, to } => client()?.rollback(&name, to).await,
@@ -404,6 +441,13 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         return Err("must be more than 0".to_string());
     }
     Ok(duration)
+}
+
+/// `--drain-delay` of `serve`: a duration with a unit, `0s` included.
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    moontide_server::api::parse_duration(&moontide_server::api::DurationInput::Text(
+        text.to_string(),
+    ))
 }
 
 /// `--redis` of `serve`.

@@ -277,6 +277,53 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// `moontide nodes`: the cluster's live nodes, from the registry.
+    pub async fn nodes(&self) -> anyhow::Result<ExitCode> {
+        let (status, value) = self
+            .send(self.request(reqwest::Method::GET, "/v1/nodes"))
+            .await?;
+        if !status.is_success() {
+            return Ok(Self::fail(&value));
+        }
+        if self.printed_as_json(&value)? {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut table = Table::new(&[
+            ("NAME", false),
+            ("STATE", false),
+            ("REVISION", true),
+            ("DATA PLANE", false),
+            ("ADMIN", false),
+            ("INSTANCES", true),
+            ("CPU", true),
+            ("DEMAND", true),
+            ("VERSION", false),
+            ("STARTED", false),
+        ]);
+        for node in value["nodes"].as_array().into_iter().flatten() {
+            let load = &node["load"];
+            let this = node["name"] == value["this_node"];
+            table.row(vec![
+                format!(
+                    "{}{}",
+                    render::cell(&node["name"]),
+                    if this { " *" } else { "" }
+                ),
+                render::cell(&node["state"]),
+                render::cell(&node["revision"]),
+                render::cell(&node["data_plane"]),
+                render::cell(&node["admin"]),
+                render::cell(&load["instances"]),
+                format!("{:.0}%", load["cpu"].as_f64().unwrap_or(0.0) * 100.0),
+                format!("{:.2}", load["demand"].as_f64().unwrap_or(0.0)),
+                render::cell(&node["version"]),
+                render::time_ms(&node["started_at_ms"]),
+            ]);
+        }
+        print!("{}", table.render());
+        Ok(ExitCode::SUCCESS)
+    }
+
     pub async fn info(&self, name: &str) -> anyhow::Result<ExitCode> {
         let (status, value) = self
             .send(self.request(reqwest::Method::GET, &format!("/v1/functions/{name}")))

@@ -313,3 +313,183 @@ fn a_malformed_store_url_is_refused_at_start() {
         assert!(stderr.contains(expected), "{url}: {stderr}");
     }
 }
+
+/// Node `i` of a cluster with a short registry lease (a killed node leaves within
+/// seconds) and a name the assertions can use.
+fn start_named_nodes(etcd: &Etcd, count: usize, extra: &[&str]) -> Vec<Node> {
+    let url = etcd.store_url();
+    (0..count)
+        .map(|i| {
+            let name = format!("node-{i}");
+            let mut args = vec!["--store", &url, "--node-name", &name, "--node-ttl", "2s"];
+            args.extend_from_slice(extra);
+            Node::start_with_env(&args, &[("MOONTIDE_ADMIN_TOKEN", TOKEN)])
+        })
+        .collect()
+}
+
+/// Polls `GET /v1/nodes` on `node` until `check` holds for the listed records.
+async fn wait_nodes(
+    node: &Node,
+    check: impl Fn(&[serde_json::Value]) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..TRIES {
+        let (status, body) = node.admin_json(Method::GET, "/v1/nodes", None).await;
+        if status == 200 && body["nodes"].as_array().is_some_and(|nodes| check(nodes)) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(POLL).await;
+    }
+    panic!(
+        "GET /v1/nodes on {} never matched; last: {last}",
+        node.admin
+    );
+}
+
+fn names(nodes: &[serde_json::Value]) -> Vec<&str> {
+    nodes.iter().filter_map(|n| n["name"].as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_registers_and_a_killed_node_leaves_when_its_lease_expires() {
+    let etcd = Etcd::start();
+    let nodes = start_named_nodes(&etcd, 3, &[]);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (status, body) = a
+        .admin_json(
+            Method::PUT,
+            "/v1/functions/hello",
+            Some(json!({"source": source("one"), "config": {}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let revision = body["revision"].as_u64().unwrap();
+    // Every node lists all three, each serving the write, from any node.
+    for node in &nodes {
+        let listed = wait_nodes(node, |nodes| {
+            names(nodes) == ["node-0", "node-1", "node-2"]
+                && nodes
+                    .iter()
+                    .all(|n| n["state"] == "ready" && n["revision"].as_u64() >= Some(revision))
+        })
+        .await;
+        let me = listed["this_node"].as_str().unwrap();
+        let record = listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == me)
+            .unwrap();
+        assert_eq!(record["admin"], node.admin.trim_start_matches("http://"));
+    }
+    let table = b.cli_ok(&["nodes"]);
+    for name in ["node-0", "node-1 *", "node-2"] {
+        assert!(table.contains(name), "moontide nodes lists {name}: {table}");
+    }
+    assert!(
+        etcd.etcdctl(&["get", "--prefix", "--keys-only", "/moontide-nodes/"])
+            .contains("/moontide-nodes/node-2"),
+        "records live under /moontide-nodes/, beside the config"
+    );
+
+    // kill -9 the whole of C (supervisor and node): nothing deregisters it, its lease
+    // runs out.
+    signal(&c.child.id().to_string(), "-KILL");
+    let after = wait_nodes(a, |nodes| names(nodes) == ["node-0", "node-1"]).await;
+    assert_eq!(after["nodes"].as_array().unwrap().len(), 2);
+    let scaling = a.admin_json(Method::GET, "/v1/scaling", None).await.1;
+    assert_eq!(scaling["live_nodes"], 2, "{scaling}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_cluster_answers_once_every_node_serves_the_write_or_names_the_laggard() {
+    let etcd = Etcd::start();
+    let nodes = start_named_nodes(&etcd, 3, &[]);
+    let (a, c) = (&nodes[0], &nodes[2]);
+    wait_nodes(a, |nodes| {
+        nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "ready")
+    })
+    .await;
+
+    let put = |answer: &str, query: &str| {
+        let path = format!("/v1/functions/hello?{query}");
+        let body = json!({"source": source(answer), "config": {}});
+        async move { a.admin_json(Method::PUT, &path, Some(body)).await }
+    };
+    let (status, body) = put("one", "wait=cluster").await;
+    assert_eq!(status, 201, "{body}");
+    let cluster = &body["cluster"];
+    assert_eq!(cluster["complete"], true, "{body}");
+    assert_eq!(cluster["revision"], body["revision"]);
+    assert_eq!(
+        cluster["served_by"],
+        json!(["node-0", "node-1", "node-2"]),
+        "{body}"
+    );
+    // Every node serves it the moment the answer says so.
+    for node in &nodes {
+        assert_eq!(call(node, "hello").await, (200, "one".to_string()));
+    }
+
+    // C cannot apply anything while stopped: the wait runs out and names it.
+    let paused = Paused::stop(node_pid(c));
+    let (status, body) = put("two", "wait=cluster&wait_timeout=1s").await;
+    assert_eq!(status, 201, "the write stands: {body}");
+    let cluster = &body["cluster"];
+    assert_eq!(cluster["complete"], false, "{body}");
+    assert_eq!(cluster["served_by"], json!(["node-0", "node-1"]), "{body}");
+    assert_eq!(cluster["lagging"][0]["name"], "node-2", "{body}");
+    assert!(
+        cluster["lagging"][0]["revision"].as_u64() < body["revision"].as_u64(),
+        "{body}"
+    );
+    drop(paused);
+    let (status, body) = put("three", "wait=cluster").await;
+    assert_eq!(status, 201);
+    assert_eq!(body["cluster"]["complete"], true, "C caught up: {body}");
+    assert_eq!(call(c, "hello").await, (200, "three".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_told_to_stop_drains_then_leaves_the_registry_at_once() {
+    let etcd = Etcd::start();
+    // A long lease: leaving must not wait for it to expire.
+    let url = etcd.store_url();
+    let start = |name: &str, drain: &str| {
+        Node::start_with_env(
+            &[
+                "--store",
+                &url,
+                "--node-name",
+                name,
+                "--node-ttl",
+                "60s",
+                "--drain-delay",
+                drain,
+            ],
+            &[("MOONTIDE_ADMIN_TOKEN", TOKEN)],
+        )
+    };
+    let a = start("stays", "0s");
+    let mut b = start("leaves", "3s");
+    wait_nodes(&a, |nodes| nodes.len() == 2).await;
+    b.sigterm();
+    wait_nodes(&a, |nodes| {
+        nodes
+            .iter()
+            .any(|n| n["name"] == "leaves" && n["state"] == "draining")
+    })
+    .await;
+    wait_nodes(&a, |nodes| names(nodes) == ["stays"]).await;
+    let mut exited = None;
+    for _ in 0..TRIES {
+        exited = b.child.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+}

@@ -19,8 +19,8 @@ use moontide_runtime::{FunctionSource, InstanceError, InstanceSpec, UnitKind, co
 
 use super::config::{RouteConfig, RouteInput, RouteTarget, UpstreamConfig, UpstreamInput};
 use crate::admin::{
-    AdminState, LogsQueryInput, SERVE_WAIT, check_init, compile_failure, init_failure,
-    json_response, log_response, parse_body,
+    AdminState, LogsQueryInput, check_init, compile_failure, init_failure, json_response,
+    log_response, parse_body,
 };
 use crate::api::{FieldError, PluginInput};
 use crate::errors::ApiError;
@@ -172,7 +172,7 @@ async fn put_serving(
         .store
         .txn(Vec::new(), vec![Op::Put { key, value }])
         .await?;
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -235,7 +235,7 @@ async fn delete_unless_used(
             format!("the {kind} or its routes changed; try again"),
         ));
     }
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     Ok(())
 }
 
@@ -329,7 +329,7 @@ pub async fn put_route(
             "the route's target or plugins changed meanwhile; try again",
         ));
     }
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -360,7 +360,7 @@ pub async fn delete_route(
         .store
         .txn(Vec::new(), vec![Op::Delete { key }])
         .await?;
-    state.registry.wait_for(outcome.revision, SERVE_WAIT).await;
+    state.acknowledge(outcome.revision).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -690,3 +690,8 @@ impl crate::contract::Subject for InMemory {
 async fn sqlite_store_meets_the_store_contract() {
     crate::contract::run_all(&mut InMemory).await;
 }
+
+#[tokio::test]
+async fn local_membership_meets_the_membership_contract() {
+    crate::contract::run_membership(&crate::LocalMembership::new()).await;
+}
