@@ -19,11 +19,34 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # Debian's redis-server package: the `redis` module's tests start their own on free ports.
 # Its postinst may start a system redis on :6379; harmless, as for prometheus.
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# Podman builds and runs the container image in crates/moontide/tests/container_image.rs,
+# as root, with runc: Debian's default runtime, crun, refuses a machine whose cgroup v2
+# hierarchy is mounted beside v1 (hybrid), as on the machines here.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+# deploy/container/build.sh puts the CA bundle into the image.
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+# The deploy tests' Python tools go into a venv (below); Debian's own python3 needs this
+# package for that (a pyenv or python.org build has it built in).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+# The deploy tests' Python packages (kubernetes-validate, KEDA's CRD models), pinned in
+# scripts/test-requirements.txt, in a venv of their own at $MOONTIDE_TEST_VENV (default
+# ~/.cache/moontide/test-venv, where crates/moontide/tests/deploy_manifests.rs looks).
+# Rebuilt whenever the requirements change.
+requirements="$(cd "$(dirname "$0")" && pwd)/test-requirements.txt"
+venv="${MOONTIDE_TEST_VENV:-$HOME/.cache/moontide/test-venv}"
+if ! cmp -s "$requirements" "$venv/requirements.txt"; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
