@@ -39,6 +39,9 @@ pub struct Identity {
     pub started_at_ms: u64,
 }
 
+/// What the node does with every live record after a report (sets its metrics).
+pub type OnView = Box<dyn Fn(&[NodeRecord]) + Send>;
+
 /// What the node tells the registrar.
 pub struct Inputs {
     /// The config revision the node serves (`None` before its first load).
@@ -47,7 +50,7 @@ pub struct Inputs {
     /// The node's load now (called once per report).
     pub load: Box<dyn FnMut() -> NodeLoad + Send>,
     /// Every live record, after each report.
-    pub on_view: Box<dyn Fn(&[NodeRecord]) + Send>,
+    pub on_view: OnView,
     /// Turns true at shutdown: leave and return.
     pub stop: watch::Receiver<bool>,
 }

@@ -98,9 +98,18 @@ impl ScalingArgs {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run a node: data plane, admin API and everything deployed.
+    ///
+    /// `--config FILE` reads these flags from a YAML file, one key per flag without its
+    /// dashes (`store: etcd://...`, `metrics-public: true`, `egress-allow: [...]`); the
+    /// command line and the flags' environment variables win over it.
     Serve {
+        /// A YAML file of serve flags (see above).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Data-plane address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -286,6 +295,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Serve {
+            config,
             listen,
             admin_addr,
             workers,
@@ -308,6 +318,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drain_delay,
             shutdown_grace,
         } => {
+            if let Some(config) = config {
+                // `config_file::expand` turns it into flags before clap sees it.
+                bail!(
+                    "--config {} was not read: give it after `serve`",
+                    config.display()
+                );
+            }
             if let Some(name) = &node_name {
                 moontide_server::api::validate_node_name(name)
                     .map_err(|message| anyhow::anyhow!("--node-name {name:?}: {message}"))?;

@@ -4,12 +4,19 @@
 mod apply;
 mod cli;
 mod client;
+mod config_file;
 mod render;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+    let args = match config_file::expand(std::env::args_os().collect()) {
+        Ok(args) => cli::Cli::parse_from(args),
+        Err(message) => {
+            eprintln!("error: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

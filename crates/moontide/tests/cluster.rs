@@ -472,7 +472,14 @@ async fn a_node_told_to_stop_drains_then_leaves_the_registry_at_once() {
             &[("MOONTIDE_ADMIN_TOKEN", TOKEN)],
         )
     };
-    let a = start("stays", "0s");
+    // The store can come from a config file too (a Kubernetes ConfigMap).
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("moontide.yaml");
+    std::fs::write(&config, format!("store: {url}\nnode-name: stays\n")).unwrap();
+    let a = Node::start_with_env(
+        &["--config", config.to_str().unwrap()],
+        &[("MOONTIDE_ADMIN_TOKEN", TOKEN)],
+    );
     let mut b = start("leaves", "3s");
     wait_nodes(&a, |nodes| nodes.len() == 2).await;
     b.sigterm();

@@ -249,3 +249,51 @@ async fn sigterm_turns_the_node_unready_while_it_still_serves_then_it_exits() {
     let status = exited.expect("the node exits after its drain delay");
     assert!(status.success(), "a drained node exits cleanly: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_its_flags_from_a_config_file_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("moontide.yaml");
+    std::fs::write(
+        &config,
+        "node-name: from-file\nmax-instances: 7\nmetrics-public: true\nnode-ttl: 30s\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let node = Node::start_with(&["--config", config]);
+    let nodes = wait_admin(&node, "/v1/nodes", |body| body["nodes"][0].is_object()).await;
+    assert_eq!(nodes["nodes"][0]["name"], "from-file", "{nodes}");
+    assert_eq!(nodes["nodes"][0]["load"]["instance_budget"], 7, "{nodes}");
+    let open = node
+        .http
+        .get(format!("{}/metrics", node.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200, "metrics-public: true took effect");
+
+    let node = Node::start_with(&["--config", config, "--node-name", "from-flag"]);
+    let nodes = wait_admin(&node, "/v1/nodes", |body| body["nodes"][0].is_object()).await;
+    assert_eq!(nodes["nodes"][0]["name"], "from-flag", "{nodes}");
+    assert_eq!(nodes["nodes"][0]["load"]["instance_budget"], 7, "{nodes}");
+
+    // A key that is no flag, and a value the flag refuses: the node does not start, and
+    // says which.
+    for (yaml, expected) in [
+        ("stor: etcd://127.0.0.1:1\n", "unknown key `stor`"),
+        ("node-ttl: 10\n", "needs a unit"),
+    ] {
+        std::fs::write(dir.path().join("bad.yaml"), yaml).unwrap();
+        let output = std::process::Command::new(common::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(dir.path().join("bad.yaml"))
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{yaml}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{yaml}: {stderr}");
+    }
+}
