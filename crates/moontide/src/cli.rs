@@ -221,6 +221,10 @@ enum Command {
         /// it call the node itself.
         #[arg(long = "egress-allow", value_name = "CIDR[:PORT]")]
         egress_allow: Vec<String>,
+        /// Return once every live node of the cluster serves the new version (at most
+        /// 10s); fail, naming the nodes that do not, if some still don't.
+        #[arg(long)]
+        wait_cluster: bool,
     },
     /// Invoke a function with a JSON event and print its result.
     Invoke {
@@ -390,6 +394,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scaling,
             env,
             egress_allow,
+            wait_cluster,
         } => {
             let mut config = serde_json::Map::new();
             if !egress_allow.is_empty() {
@@ -422,7 +427,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 config.insert("env".into(), Value::Object(vars));
             }
-            client()?.deploy(&name, &path, Value::Object(config)).await
+            client()?
+                .deploy(&name, &path, Value::Object(config), wait_cluster)
+                .await
         }
         Command::Invoke {
             name,
@@ -559,7 +566,7 @@ async fn deploy_examples(
         if client.exists(name).await? {
             continue;
         }
-        client.deploy(name, &path, json!({})).await?;
+        client.deploy(name, &path, json!({}), false).await?;
     }
     Ok(())
 }

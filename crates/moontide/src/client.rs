@@ -185,18 +185,57 @@ impl Client {
         Ok(status.is_success())
     }
 
-    pub async fn deploy(&self, name: &str, path: &Path, config: Value) -> anyhow::Result<ExitCode> {
+    pub async fn deploy(
+        &self,
+        name: &str,
+        path: &Path,
+        config: Value,
+        wait_cluster: bool,
+    ) -> anyhow::Result<ExitCode> {
         let (mut body, local_name) = read_function(path)?;
         body["config"] = config;
+        let query = if wait_cluster { "?wait=cluster" } else { "" };
         let (status, value) = self
             .send(
-                self.request(reqwest::Method::PUT, &format!("/v1/functions/{name}"))
-                    .json(&body),
+                self.request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/functions/{name}{query}"),
+                )
+                .json(&body),
             )
             .await?;
         if status.is_success() {
+            let cluster = &value["cluster"];
+            let everywhere = !wait_cluster || cluster["complete"] == true;
             if !self.printed_as_json(&value)? {
                 println!("deployed {name} version {}", value["version"]);
+                if wait_cluster && everywhere {
+                    let nodes = cluster["served_by"].as_array().map_or(0, Vec::len);
+                    println!("served by every live node ({nodes})");
+                }
+            }
+            if !everywhere {
+                let lagging: Vec<String> = cluster["lagging"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|node| {
+                        format!(
+                            "{} (at revision {})",
+                            render::cell(&node["name"]),
+                            node["revision"]
+                        )
+                    })
+                    .collect();
+                let why = match cluster["error"].as_str() {
+                    Some(error) => format!("the node registry could not be read: {error}"),
+                    None => format!("not yet served by {}", lagging.join(", ")),
+                };
+                eprintln!(
+                    "error: {name} version {} is stored, but {why} after {} ms",
+                    value["version"], cluster["waited_ms"]
+                );
+                return Ok(ExitCode::FAILURE);
             }
             return Ok(ExitCode::SUCCESS);
         }

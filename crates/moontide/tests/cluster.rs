@@ -314,15 +314,13 @@ fn a_malformed_store_url_is_refused_at_start() {
     }
 }
 
-/// Node `i` of a cluster with a short registry lease (a killed node leaves within
-/// seconds) and a name the assertions can use.
-fn start_named_nodes(etcd: &Etcd, count: usize, extra: &[&str]) -> Vec<Node> {
+/// `count` nodes named `node-i`, with a registry lease of `ttl`.
+fn start_named_nodes(etcd: &Etcd, count: usize, ttl: &str) -> Vec<Node> {
     let url = etcd.store_url();
     (0..count)
         .map(|i| {
             let name = format!("node-{i}");
-            let mut args = vec!["--store", &url, "--node-name", &name, "--node-ttl", "2s"];
-            args.extend_from_slice(extra);
+            let args = ["--store", &url, "--node-name", &name, "--node-ttl", ttl];
             Node::start_with_env(&args, &[("MOONTIDE_ADMIN_TOKEN", TOKEN)])
         })
         .collect()
@@ -355,7 +353,8 @@ fn names(nodes: &[serde_json::Value]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_registers_and_a_killed_node_leaves_when_its_lease_expires() {
     let etcd = Etcd::start();
-    let nodes = start_named_nodes(&etcd, 3, &[]);
+    // A short lease: a killed node leaves within seconds.
+    let nodes = start_named_nodes(&etcd, 3, "2s");
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     let (status, body) = a
         .admin_json(
@@ -406,7 +405,8 @@ async fn every_node_registers_and_a_killed_node_leaves_when_its_lease_expires() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_cluster_answers_once_every_node_serves_the_write_or_names_the_laggard() {
     let etcd = Etcd::start();
-    let nodes = start_named_nodes(&etcd, 3, &[]);
+    // A lease longer than the test: the paused node stays listed, lagging.
+    let nodes = start_named_nodes(&etcd, 3, "60s");
     let (a, c) = (&nodes[0], &nodes[2]);
     wait_nodes(a, |nodes| {
         nodes.len() == 3 && nodes.iter().all(|n| n["state"] == "ready")
@@ -445,7 +445,23 @@ async fn wait_cluster_answers_once_every_node_serves_the_write_or_names_the_lagg
         cluster["lagging"][0]["revision"].as_u64() < body["revision"].as_u64(),
         "{body}"
     );
+    // The CLI's deploy says so too, and fails.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hello.lua");
+    std::fs::write(&file, source("cli")).unwrap();
+    let output = a.cli(&["deploy", "hello", file.to_str().unwrap(), "--wait-cluster"]);
+    assert!(
+        !output.status.success(),
+        "a deploy not served everywhere fails"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is stored, but not yet served by node-2"),
+        "{stderr}"
+    );
     drop(paused);
+    let out = a.cli_ok(&["deploy", "hello", file.to_str().unwrap(), "--wait-cluster"]);
+    assert!(out.contains("served by every live node (3)"), "{out}");
     let (status, body) = put("three", "wait=cluster").await;
     assert_eq!(status, 201);
     assert_eq!(body["cluster"]["complete"], true, "C caught up: {body}");
