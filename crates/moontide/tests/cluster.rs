@@ -506,13 +506,6 @@ async fn a_node_told_to_stop_drains_then_leaves_the_registry_at_once() {
     })
     .await;
     wait_nodes(&a, |nodes| names(nodes) == ["stays"]).await;
-    let mut exited = None;
-    for _ in 0..TRIES {
-        exited = b.child.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let exited = b.wait_for_exit().await;
+    assert!(exited.success(), "{exited:?}");
 }

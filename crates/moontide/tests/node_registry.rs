@@ -238,15 +238,7 @@ async fn sigterm_turns_the_node_unready_while_it_still_serves_then_it_exits() {
         .unwrap();
     assert_eq!(admin_ready.status(), 503, "the admin port's probe agrees");
 
-    let mut exited = None;
-    for _ in 0..TRIES {
-        exited = node.child.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let status = exited.expect("the node exits after its drain delay");
+    let status = node.wait_for_exit().await;
     assert!(status.success(), "a drained node exits cleanly: {status:?}");
 }
 

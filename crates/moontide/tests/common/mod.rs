@@ -248,6 +248,17 @@ impl Node {
         response.text().await.expect("metrics body")
     }
 
+    /// Polls until the node's process exits (bounded: 30 s), and returns how.
+    pub async fn wait_for_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the node at {} did not exit", self.admin);
+    }
+
     pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
