@@ -509,3 +509,94 @@ async fn a_node_told_to_stop_drains_then_leaves_the_registry_at_once() {
     let exited = b.wait_for_exit().await;
     assert!(exited.success(), "{exited:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaling_signal_on_any_node_follows_the_load_on_another() {
+    let etcd = Etcd::start();
+    let url = etcd.store_url();
+    // Small instance budgets, so a few slow calls are more than a node.
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            let name = format!("node-{i}");
+            Node::start_with_env(
+                &[
+                    "--store",
+                    &url,
+                    "--node-name",
+                    &name,
+                    "--max-instances",
+                    "4",
+                ],
+                &[("MOONTIDE_ADMIN_TOKEN", TOKEN)],
+            )
+        })
+        .collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    wait_nodes(b, |nodes| nodes.len() == 2).await;
+    let idle = scaling(b).await;
+    assert_eq!(idle["desired_nodes"], 1, "{idle}");
+    assert_eq!(idle["live_nodes"], 2, "{idle}");
+    a.deploy(
+        "slow",
+        "local time = require('time')\n\
+         return function() time.sleep(1500) return 'done' end",
+        json!({"max": 16}),
+    )
+    .await;
+
+    // Calls pile up on A only; B's answer must say the cluster needs more nodes.
+    let mut raised = None;
+    for _ in 0..20 {
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let http = a.http.clone();
+                let url = a.url("/fn/slow");
+                tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+            })
+            .collect();
+        for _ in 0..30 {
+            let body = scaling(b).await;
+            if body["desired_nodes"].as_u64() > Some(1) {
+                raised = Some(body);
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        for call in calls {
+            let _ = call.await;
+        }
+        if raised.is_some() {
+            break;
+        }
+    }
+    let raised = raised.expect("B's signal never followed the load on A");
+    let listed = b.admin_json(Method::GET, "/v1/nodes", None).await.1;
+    let demand_of = |name: &str| {
+        listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["load"]["demand"].as_f64().unwrap())
+            .unwrap()
+    };
+    assert!(raised["demand"].as_f64().unwrap() > 0.7, "{raised}");
+    assert!(demand_of("node-1") < 0.7, "the load was on A: {listed}");
+    // The load gone, every node's answer settles back to one node.
+    for node in &nodes {
+        let mut settled = serde_json::Value::Null;
+        for _ in 0..TRIES {
+            settled = scaling(node).await;
+            if settled["desired_nodes"] == 1 {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        assert_eq!(settled["desired_nodes"], 1, "{settled}");
+    }
+}
+
+/// `GET /v1/scaling` on `node`.
+async fn scaling(node: &Node) -> serde_json::Value {
+    node.admin_json(Method::GET, "/v1/scaling", None).await.1
+}
