@@ -189,8 +189,8 @@ wait_moontide() {
             die "$name exited during startup (a binary built without --features etcd refuses --store etcd://); logs in $STATE_DIR/$name"
         fi
         if [ -z "$ADMIN" ]; then
-            DATA=$(sed -n 's|^moontide: data plane listening on http://||p' "$out" | head -n 1)
-            ADMIN=$(sed -n 's|^moontide: admin API listening on ||p' "$out" | head -n 1)
+            DATA=$(sed -n 's|^moontide: data plane listening on http://||p' "$out" 2>/dev/null | head -n 1 || true)
+            ADMIN=$(sed -n 's|^moontide: admin API listening on ||p' "$out" 2>/dev/null | head -n 1 || true)
             if [ -z "$DATA" ]; then ADMIN=""; fi
         fi
         if [ -n "$ADMIN" ] && curl -fsS -m 1 -o /dev/null "http://$DATA/readyz" 2>/dev/null; then
