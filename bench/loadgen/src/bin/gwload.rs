@@ -1,8 +1,9 @@
-//! `moontide-gwload`: the drivers of the gateway benchmarks (bench/churn.sh,
-//! bench/kill_node.sh). Single-threaded (a current-thread tokio runtime), optionally
-//! pinned to one CPU; all times from `std::time::Instant` (CLOCK_MONOTONIC), mapped to
-//! Unix-epoch microseconds once at start so that records of two processes and the
-//! shell's `$EPOCHREALTIME` marks can be lined up.
+//! `moontide-gwload`: the drivers of the gateway and cluster benchmarks (bench/churn.sh,
+//! bench/kill_node.sh, bench/cluster_propagation.sh, bench/cluster_deploys.sh).
+//! Single-threaded (a current-thread tokio runtime), optionally pinned to one CPU; all
+//! times from `std::time::Instant` (CLOCK_MONOTONIC), mapped to Unix-epoch microseconds
+//! once at start so that records of two processes and the shell's `$EPOCHREALTIME` marks
+//! can be lined up.
 //!
 //! Subcommands:
 //!
@@ -19,6 +20,9 @@
 //!   existing route, DELETE the oldest new route), then `--after` quiet. Writes the phase
 //!   marks and every change to `--out`, and the change-to-serve latencies (PUT acknowledged
 //!   -> first `200 ok` from the new path) with their percentiles.
+//! - `deploys`: the admin workload of bench/cluster_deploys.sh (sequential and concurrent
+//!   deploys, route PUTs, reads; one node or every node of a cluster): calls/s and latency
+//!   percentiles per phase, with the servers' CPU per call and etcd's fsyncs (`deploys`).
 //!
 //! Exit status: 0 ok; 1 a check failed (admin call refused, a new route never served,
 //! answers not as expected); 2 bad arguments.
@@ -26,6 +30,8 @@
 #[path = "../client.rs"]
 #[allow(dead_code)]
 mod client;
+#[path = "gwload/deploys.rs"]
+mod deploys;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -126,6 +132,40 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         serve_timeout: Duration,
         /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Deploys, route PUTs and reads through the admin API, phase by phase.
+    Deploys {
+        /// Admin API base URL(s), comma-separated: calls go round robin over them.
+        #[arg(long, value_delimiter = ',', required = true)]
+        admin: Vec<String>,
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Calls per phase.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Clients of the concurrent phases.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Prefix of every name this run creates.
+        #[arg(long, default_value = "b")]
+        prefix: String,
+        /// The setup's name in the CSV (e.g. embedded, etcd-1).
+        #[arg(long)]
+        setup: String,
+        #[arg(long, default_value_t = 1)]
+        round: u32,
+        /// Server processes whose CPU time is counted per call (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        server_pids: Vec<u32>,
+        /// etcd processes whose CPU time is counted per call (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        etcd_pids: Vec<u32>,
+        /// etcd's client URL, for its WAL fsync histogram (/metrics).
+        #[arg(long)]
+        etcd_metrics: Option<String>,
+        /// CSV to append one row per phase to (header written if new).
         #[arg(long)]
         out: PathBuf,
     },
@@ -248,6 +288,34 @@ fn main() -> ExitCode {
                     duration,
                     after,
                     serve_timeout,
+                    out,
+                })
+                .await
+            }
+            Command::Deploys {
+                admin,
+                token_file,
+                count,
+                clients,
+                prefix,
+                setup,
+                round,
+                server_pids,
+                etcd_pids,
+                etcd_metrics,
+                out,
+            } => {
+                deploys::deploys(deploys::DeploysArgs {
+                    admin,
+                    token_file,
+                    count,
+                    clients,
+                    prefix,
+                    setup,
+                    round,
+                    server_pids,
+                    etcd_pids,
+                    etcd_metrics,
                     out,
                 })
                 .await
