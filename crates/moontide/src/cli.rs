@@ -238,7 +238,9 @@ enum Command {
     },
     /// List functions.
     Ls,
-    /// List the cluster's live nodes (the node registry): state, served config revision,
+    /// List the cluster's live nodes.
+    ///
+    /// From the node registry: each node's state, the config revision it serves, its
     /// addresses and load. `*` marks the node that answered.
     Nodes,
     /// Show a function.
