@@ -102,7 +102,10 @@ impl Engine {
                 .redis
                 .clone()
                 .map(|config| Arc::new(RedisClient::new(config))),
-            databases: config.db.clone().map(|config| Arc::new(Databases::new(config))),
+            databases: config
+                .db
+                .clone()
+                .map(|config| Arc::new(Databases::new(config))),
         })
     }
 

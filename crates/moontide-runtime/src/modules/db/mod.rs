@@ -34,7 +34,7 @@ use mlua::{Function, Lua, MultiValue, Table, Value};
 
 use crate::sandbox;
 pub use pool::{Database, Databases, DbConfig, DbError};
-use pool::{Lease, run};
+use pool::{Lease, Op};
 use value::SqlValue;
 
 /// What every call raises on a node without a database directory (tests, tools).
@@ -42,6 +42,11 @@ pub const NOT_CONFIGURED: &str = "no database is configured on this node";
 
 /// Deadline of a statement run outside any call's deadline (never in a served call).
 const NO_DEADLINE: Duration = Duration::from_secs(3600);
+
+/// How long after its call's deadline a statement stops by itself: a backstop. The call's
+/// end cancels it first ([`call_ended`]), so the call fails as a timeout, not with the
+/// statement's error.
+const DEADLINE_GRACE: Duration = Duration::from_millis(50);
 
 /// A transaction's connection, per call: idle between statements, or lent to one.
 enum Held {
@@ -55,6 +60,8 @@ struct Db {
     memory_bytes: usize,
     /// Open transactions by call ([`sandbox::current_call`]).
     held: RefCell<HashMap<usize, Held>>,
+    /// Statements in flight by call, cancelled when their call ends.
+    running: RefCell<HashMap<usize, Vec<Arc<Op>>>>,
 }
 
 fn failure(function: &str, error: DbError) -> mlua::Error {
@@ -117,11 +124,49 @@ impl Db {
     {
         let (key, remaining) = sandbox::current_call(lua);
         let remaining = remaining.unwrap_or(NO_DEADLINE);
-        let deadline = Instant::now() + remaining;
+        let deadline = Instant::now() + remaining + DEADLINE_GRACE;
         let (lease, in_transaction) = self.acquire(function, key, remaining).await?;
-        let (lease, result) = run(lease, deadline, op).await;
+        let (lease, result) = self.run(key, lease, deadline, op).await;
         self.release(key, lease, in_transaction);
-        result.map_err(|e| failure(function, e))
+        match result {
+            Ok(value) => Ok(value),
+            Err(DbError::Cancelled) => {
+                // Past the deadline: the call's timeout, as the interrupt would record it.
+                sandbox::check_host_limits(lua)?;
+                Err(failure(function, DbError::Cancelled))
+            }
+            Err(e) => Err(failure(function, e)),
+        }
+    }
+
+    /// [`pool::run`], with the statement registered under its call so that the call's
+    /// end cancels it.
+    async fn run<R, F>(
+        &self,
+        key: usize,
+        lease: Lease,
+        deadline: Instant,
+        work: F,
+    ) -> (Option<Lease>, Result<R, DbError>)
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<R, DbError> + Send + 'static,
+    {
+        let op = Arc::new(Op::default());
+        self.running
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .push(op.clone());
+        let outcome = pool::run(lease, deadline, op.clone(), work).await;
+        let mut running = self.running.borrow_mut();
+        if let Some(ops) = running.get_mut(&key) {
+            ops.retain(|other| !Arc::ptr_eq(other, &op));
+            if ops.is_empty() {
+                running.remove(&key);
+            }
+        }
+        outcome
     }
 }
 
@@ -162,6 +207,10 @@ impl DbCalls {
         for db in self.0.borrow().iter().filter_map(std::rc::Weak::upgrade) {
             let removed = db.held.borrow_mut().remove(&key);
             drop(removed);
+            let running = db.running.borrow_mut().remove(&key);
+            for op in running.into_iter().flatten() {
+                op.cancel();
+            }
         }
     }
 }
@@ -198,6 +247,7 @@ pub fn module(
         database,
         memory_bytes,
         held: RefCell::default(),
+        running: RefCell::default(),
     });
     if lua.app_data_ref::<Rc<DbCalls>>().is_none() {
         lua.set_app_data(Rc::new(DbCalls::default()));
@@ -257,7 +307,7 @@ pub fn module(
             }
             db.held.borrow_mut().insert(key, Held::InUse);
             let remaining = remaining.unwrap_or(NO_DEADLINE);
-            let deadline = Instant::now() + remaining;
+            let deadline = Instant::now() + remaining + DEADLINE_GRACE;
             let lease = match db.acquire_fresh(remaining).await {
                 Ok(lease) => lease,
                 Err(e) => {
@@ -265,10 +315,11 @@ pub fn module(
                     return Err(e);
                 }
             };
-            let (lease, result) = run(lease, deadline, |connection| {
-                value::batch(connection, "BEGIN IMMEDIATE")
-            })
-            .await;
+            let (lease, result) = db
+                .run(key, lease, deadline, |connection| {
+                    value::batch(connection, "BEGIN IMMEDIATE")
+                })
+                .await;
             match result {
                 Ok(()) => {
                     db.release(key, lease, true);
@@ -298,11 +349,14 @@ pub fn module(
                     ));
                 }
             };
-            let deadline = Instant::now() + remaining.unwrap_or(NO_DEADLINE);
+            let deadline = Instant::now() + remaining.unwrap_or(NO_DEADLINE) + DEADLINE_GRACE;
             let sql = if commit { "COMMIT" } else { "ROLLBACK" };
             // The lease is dropped after: a failed COMMIT is rolled back then.
-            let (_lease, result) =
-                run(lease, deadline, move |connection| value::batch(connection, sql)).await;
+            let (_lease, result) = db
+                .run(key, lease, deadline, move |connection| {
+                    value::batch(connection, sql)
+                })
+                .await;
             result.map_err(|e| failure("transaction", e))
         }
     })?;
@@ -342,12 +396,16 @@ fn transaction_bytecode() -> &'static [u8] {
 impl Db {
     /// A connection from the pool (not the call's transaction's).
     async fn acquire_fresh(&self, wait: Duration) -> mlua::Result<Lease> {
-        let database = self.database.as_ref().map_err(|message| {
-            mlua::Error::runtime(format!("db.transaction: {message}"))
-        })?;
+        let database = self
+            .database
+            .as_ref()
+            .map_err(|message| mlua::Error::runtime(format!("db.transaction: {message}")))?;
         database
             .lease(wait)
             .await
             .map_err(|e| failure("transaction", e))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -278,64 +278,104 @@ impl Drop for Lease {
     }
 }
 
-/// Sets the cancellation flag when dropped while armed: the waiting future went away.
+/// One statement in flight: its cancellation flag, and where its blocking task leaves the
+/// connection when done. Why a spot and not the task's output: a call that ends (its
+/// timeout) leaves its Lua coroutine, and the future waiting for the task inside it,
+/// suspended until the state is collected; the connection must not wait for that.
+#[derive(Default)]
+pub struct Op {
+    cancelled: AtomicBool,
+    lease: parking_lot::Mutex<Option<Lease>>,
+}
+
+impl Op {
+    /// Stops the statement (at its next progress check) and drops its connection if it
+    /// is already done: rolled back and back in the pool.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let lease = self.lease.lock().take();
+        drop(lease);
+    }
+
+    /// Hands back the connection the finished task left, unless cancelled.
+    fn finish(&self, lease: Lease) {
+        let mut spot = self.lease.lock();
+        if self.cancelled.load(Ordering::SeqCst) {
+            drop(spot);
+            drop(lease);
+        } else {
+            *spot = Some(lease);
+        }
+    }
+}
+
+/// Cancels the statement when dropped while armed: the waiting future went away.
 struct CancelOnDrop {
-    flag: Arc<AtomicBool>,
+    op: Arc<Op>,
     armed: bool,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.flag.store(true, Ordering::Relaxed);
+            self.op.cancel();
         }
     }
 }
 
-/// Runs `op` on the lease's connection on a blocking thread, stopped by the progress
-/// handler once `deadline` passes or this future is dropped. Returns the lease (none if
-/// the blocking task panicked) with the result.
-pub async fn run<R, F>(mut lease: Lease, deadline: Instant, op: F) -> (Option<Lease>, Result<R, DbError>)
+/// Runs `work` on the lease's connection on a blocking thread, stopped by the progress
+/// handler once `deadline` passes or `op` is cancelled (as it is when this future is
+/// dropped). Returns the lease (none if cancelled or the task panicked) with the result.
+pub async fn run<R, F>(
+    mut lease: Lease,
+    deadline: Instant,
+    op: Arc<Op>,
+    work: F,
+) -> (Option<Lease>, Result<R, DbError>)
 where
     R: Send + 'static,
     F: FnOnce(&Connection) -> Result<R, DbError> + Send + 'static,
 {
-    let cancelled = Arc::new(AtomicBool::new(false));
     let mut guard = CancelOnDrop {
-        flag: cancelled.clone(),
+        op: op.clone(),
         armed: true,
     };
     let max_bytes = lease.database.max_bytes;
+    let task_op = op.clone();
     let task = tokio::task::spawn_blocking(move || {
         let result = (|| {
             let connection = lease.connection()?;
-            let stop = cancelled.clone();
+            let stop = task_op.clone();
             connection
                 .progress_handler(
                     1000,
-                    Some(move || stop.load(Ordering::Relaxed) || Instant::now() >= deadline),
+                    Some(move || {
+                        stop.cancelled.load(Ordering::Relaxed) || Instant::now() >= deadline
+                    }),
                 )
                 .map_err(|e| DbError::Sqlite(e.to_string()))?;
-            let result = op(connection);
+            let result = work(connection);
             let _ = connection.progress_handler(0, None::<fn() -> bool>);
             result
         })();
-        let result = result.map_err(|error| match error {
+        task_op.finish(lease);
+        result.map_err(|error| match error {
             DbError::Sqlite(message) if message.contains("interrupted") => DbError::Cancelled,
-            DbError::Sqlite(message)
-                if message.contains("database or disk is full") =>
-            {
+            DbError::Sqlite(message) if message.contains("database or disk is full") => {
                 DbError::Full(max_bytes)
             }
             other => other,
-        });
-        (lease, result)
+        })
     });
     let outcome = task.await;
     guard.armed = false;
+    let lease = op.lease.lock().take();
     match outcome {
-        Ok((lease, result)) => (Some(lease), result),
-        Err(e) => (None, Err(DbError::Sqlite(format!("the statement failed: {e}")))),
+        Ok(result) => (lease, result),
+        Err(e) => (
+            None,
+            Err(DbError::Sqlite(format!("the statement failed: {e}"))),
+        ),
     }
 }
 

@@ -231,7 +231,11 @@ mod tests {
     #[test]
     fn rows_come_back_with_their_types_and_stop_at_the_budget() {
         let connection = memory();
-        batch(&connection, "CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)").unwrap();
+        batch(
+            &connection,
+            "CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)",
+        )
+        .unwrap();
         let params = [
             SqlValue::Integer(7),
             SqlValue::Real(1.5),
