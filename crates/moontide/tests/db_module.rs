@@ -136,7 +136,10 @@ async fn a_runaway_query_ends_at_its_timeout_without_holding_the_only_worker() {
         .expect("the runaway call ended")
         .unwrap();
     assert_ne!(status, 200);
-    assert!(poll_log(&node, "runaway", "timed out").await, "no timeout logged");
+    assert!(
+        poll_log(&node, "runaway", "timed out").await,
+        "no timeout logged"
+    );
     let (status, _) = call(&node, "/fn/raw?sql=SELECT%203").await;
     assert_eq!(status, 200);
 }
