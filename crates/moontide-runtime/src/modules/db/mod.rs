@@ -368,7 +368,7 @@ pub fn module(
         _ => globals.get("unpack")?,
     };
     let transaction: Function = lua
-        .load(&transaction_bytecode()[..])
+        .load(transaction_bytecode())
         .set_name("=db.transaction")
         .set_mode(ChunkMode::Binary)
         .call((

@@ -222,9 +222,9 @@ impl Database {
 fn authorize(context: AuthContext<'_>) -> Authorization {
     match context.action {
         AuthAction::Attach { .. } | AuthAction::Detach { .. } => Authorization::Deny,
-        AuthAction::Function { function_name } if function_name == "load_extension" => {
-            Authorization::Deny
-        }
+        AuthAction::Function {
+            function_name: "load_extension",
+        } => Authorization::Deny,
         AuthAction::Pragma { pragma_name, .. }
             if !ALLOWED_PRAGMAS.contains(&pragma_name.to_ascii_lowercase().as_str()) =>
         {

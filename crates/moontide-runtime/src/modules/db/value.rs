@@ -99,11 +99,7 @@ pub fn query(
     budget: usize,
 ) -> Result<Rows, DbError> {
     let mut statement = connection.prepare(sql).map_err(sqlite)?;
-    let columns: Vec<String> = statement
-        .column_names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let columns: Vec<String> = statement.column_names().map(str::to_string).collect();
     let mut used = columns.iter().map(|c| c.len() + VALUE_COST).sum::<usize>();
     let mut rows = statement
         .query(rusqlite::params_from_iter(params))
