@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::egress::{AllowRule, DenyReason, EgressObserver, NodeEgress, Outbound, Policy};
+use crate::modules::db::{Databases, DbConfig};
 use crate::modules::redis::{RedisClient, RedisConfig};
 use crate::modules::shared::SharedDict;
 
@@ -22,6 +23,9 @@ pub struct EngineConfig {
     /// The node's Redis for the `redis` module (`serve --redis`); none: every command
     /// answers `nil, "redis is not configured ..."`.
     pub redis: Option<RedisConfig>,
+    /// Where functions' `db` databases live (`<data-dir>/db`) and their size cap; none:
+    /// every `db` call raises "no database is configured on this node".
+    pub db: Option<DbConfig>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -31,6 +35,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("http_connect_timeout", &self.http_connect_timeout)
             .field("egress", &self.egress)
             .field("redis", &self.redis)
+            .field("db", &self.db)
             .finish_non_exhaustive()
     }
 }
@@ -43,6 +48,7 @@ impl Default for EngineConfig {
             egress: NodeEgress::default(),
             egress_observer: None,
             redis: None,
+            db: None,
         }
     }
 }
@@ -53,13 +59,15 @@ const MAX_CACHED_POLICIES: usize = 1024;
 
 /// What every instance on the node shares: the `shared` dictionary, the outbound HTTP
 /// clients (with their connection pools): one for every function without an allowlist
-/// of its own, one per distinct per-function allowlist; and the Redis client (its
-/// connections are pooled per thread, see `modules::redis::client`). Cheap to clone.
+/// of its own, one per distinct per-function allowlist; the Redis client (its
+/// connections are pooled per thread, see `modules::redis::client`); and the functions'
+/// SQLite databases (`modules::db::pool`). Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<SharedDict>,
     egress: Arc<EgressState>,
     redis: Option<Arc<RedisClient>>,
+    databases: Option<Arc<Databases>>,
 }
 
 struct EgressState {
@@ -94,12 +102,21 @@ impl Engine {
                 .redis
                 .clone()
                 .map(|config| Arc::new(RedisClient::new(config))),
+            databases: config
+                .db
+                .clone()
+                .map(|config| Arc::new(Databases::new(config))),
         })
     }
 
     /// The node's Redis client, if `serve --redis` configured one.
     pub fn redis(&self) -> Option<Arc<RedisClient>> {
         self.redis.clone()
+    }
+
+    /// The node's function databases, if it has a data dir (`EngineConfig::db`).
+    pub fn databases(&self) -> Option<Arc<Databases>> {
+        self.databases.clone()
     }
 
     pub fn shared_dict(&self) -> Arc<SharedDict> {

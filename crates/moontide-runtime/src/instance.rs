@@ -613,6 +613,11 @@ impl Instance {
         drop(watched);
         let limit_hit = frame.limit_hit;
         self.state.end();
+        // A transaction the call left open is rolled back now, not when the state goes.
+        crate::modules::db::call_ended(
+            &self.lua,
+            Rc::as_ptr(&frame.request_id) as *const u8 as usize,
+        );
         let result = match (outcome, limit_hit) {
             (_, Some(LimitHit::Timeout)) | (Err(_), _) => Err(CallError::Timeout),
             (_, Some(LimitHit::Blocking)) => {

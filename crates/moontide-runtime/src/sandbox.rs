@@ -306,6 +306,21 @@ pub(crate) fn check_host_limits(lua: &Lua) -> mlua::Result<()> {
     }
 }
 
+/// The call running now, for host functions that keep per-call state (`db`'s
+/// transactions): an identity that no other call in flight on the instance shares, and
+/// the time left before its deadline (none outside any call).
+pub(crate) fn current_call(lua: &Lua) -> (usize, Option<std::time::Duration>) {
+    match lua.app_data_ref::<Rc<CallState>>() {
+        Some(state) => {
+            let key = Rc::as_ptr(&state.request_id.borrow()) as *const u8 as usize;
+            let remaining = (state.deadline_ms.get() != u64::MAX)
+                .then(|| std::time::Duration::from_millis(state.remaining_ms()));
+            (key, remaining)
+        }
+        None => (0, None),
+    }
+}
+
 /// What the sandbox needs to know about the function it hosts.
 pub(crate) struct SandboxSpec<'a> {
     pub engine: &'a Engine,
@@ -425,6 +440,8 @@ fn require_function(
         .map_err(mlua::Error::runtime)?;
     let limits = spec.limits;
     let redis = spec.engine.redis();
+    let databases = spec.engine.databases();
+    let function_name = spec.function_name.clone();
     // A refused outbound call: a warn line in the function's log, and the node's count.
     let on_denied: modules::http::OnDenied = {
         let engine = spec.engine.clone();
@@ -446,6 +463,13 @@ fn require_function(
                 "require: module '{name}' is required while it loads (circular require)"
             )));
         }
+        // `database` is `db` (the name the seed's example uses), unless the bundle has its own.
+        if name == "database"
+            && !function.modules.contains_key(&name)
+            && let Some(value) = loaded.borrow().get("db")
+        {
+            return Ok(value.clone());
+        }
         let value = if let Some(module) = function.modules.get(&name) {
             loading.borrow_mut().push(name.clone());
             let result = load_module(lua, module).and_then(|f| f.call::<Value>(()));
@@ -463,16 +487,25 @@ fn require_function(
                 "log" => modules::log::module(lua, emit_log.clone())?,
                 "http" => modules::http::module(lua, outbound.clone(), limits, on_denied.clone())?,
                 "redis" => modules::redis::module(lua, redis.clone(), limits.memory_bytes)?,
+                "db" | "database" => modules::db::module(
+                    lua,
+                    databases.as_ref(),
+                    &function_name,
+                    limits.memory_bytes,
+                )?,
                 _ => {
                     return Err(mlua::Error::runtime(format!(
                         "module '{name}' not found: not a built-in module (json, http, redis, \
-                         shared, log, time, crypto) and not a file of this bundle"
+                         db, shared, log, time, crypto) and not a file of this bundle"
                     )));
                 }
             };
             table.set_readonly(true);
             Value::Table(table)
         };
+        if name == "database" && !function.modules.contains_key("db") {
+            loaded.borrow_mut().insert("db".to_string(), value.clone());
+        }
         loaded.borrow_mut().insert(name, value.clone());
         Ok(value)
     })

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use moontide_runtime::modules::db::DbConfig;
 use moontide_runtime::{
     Engine, EngineConfig, FunctionEgress, FunctionSource, Instance, InstanceSpec, Limits, LogLevel,
     LogSink, UnitKind, compile,
@@ -73,6 +74,20 @@ async fn run(engine: &Engine, source: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&result).into_owned())
 }
 
+/// An engine whose `db` module keeps the `doc` function's database in a fresh directory.
+fn engine() -> Engine {
+    let dir = std::env::temp_dir().join(format!(
+        "moontide-lua-api-doc-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    Engine::new(&EngineConfig {
+        db: Some(DbConfig::new(dir)),
+        ..EngineConfig::default()
+    })
+    .unwrap()
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn every_runnable_example_of_the_lua_reference_runs() {
     moontide_runtime::install_crypto_provider();
@@ -83,7 +98,7 @@ async fn every_runnable_example_of_the_lua_reference_runs() {
         "found {} `lua run` blocks",
         blocks.len()
     );
-    let engine = Engine::new(&EngineConfig::default()).unwrap();
+    let engine = engine();
     let mut failures = Vec::new();
     for (line, code) in &blocks {
         let source = format!("return function(event, ctx)\n{code}end\n");
@@ -100,12 +115,12 @@ async fn every_runnable_example_of_the_lua_reference_runs() {
 #[tokio::test(flavor = "current_thread")]
 async fn every_function_of_every_built_in_module_is_documented() {
     moontide_runtime::install_crypto_provider();
-    let engine = Engine::new(&EngineConfig::default()).unwrap();
+    let engine = engine();
     let names = run(
         &engine,
         r#"
         local names = {}
-        for _, module in ipairs({ "json", "crypto", "time", "shared", "log", "http", "redis" }) do
+        for _, module in ipairs({ "json", "crypto", "time", "shared", "log", "http", "redis", "db" }) do
           for key in pairs(require(module)) do
             names[#names + 1] = module .. "." .. key
           end

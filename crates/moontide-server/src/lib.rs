@@ -356,6 +356,13 @@ pub async fn serve(
     engine_config.egress.admin_listeners = vec![admin_addr];
     engine_config.egress.data_plane_listeners = vec![data_addr];
     engine_config.egress_observer = Some(Arc::new(metrics::EgressDenials(metrics.clone())));
+    // Functions' `db` databases: `<data-dir>/db/<function>.sqlite` (the runtime is told the
+    // directory, nothing else about the data dir).
+    if engine_config.db.is_none() {
+        engine_config.db = Some(moontide_runtime::modules::db::DbConfig::new(
+            config.data_dir.join("db"),
+        ));
+    }
     let engine = Engine::new(&engine_config).map_err(ServeError::Runtime)?;
 
     let (cluster, registrar) = cluster::ClusterNode::start(
