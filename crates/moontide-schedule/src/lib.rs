@@ -166,8 +166,15 @@ impl Schedule {
                 let next = now.div_euclid(period) * period + period;
                 Utc.timestamp_millis_opt(next).single()
             }
+            // Cron times are whole seconds: search from the second `after` is in (croner
+            // would keep its fraction in the answer).
             Expr::Cron(cron) => cron
-                .find_next_occurrence(&after.with_timezone(&self.zone), false)
+                .find_next_occurrence(
+                    &Utc.timestamp_opt(after.timestamp(), 0)
+                        .single()?
+                        .with_timezone(&self.zone),
+                    false,
+                )
                 .ok()
                 .map(|time| time.with_timezone(&Utc)),
         }
@@ -276,6 +283,15 @@ mod tests {
         assert_eq!(
             next(&daily, "2026-01-01T03:00:00Z"),
             "2026-01-02T03:00:00+00:00"
+        );
+        // A fraction of a second in the start time does not leak into the answer.
+        assert_eq!(
+            daily.next_after(utc("2026-01-01T02:59:59.750Z")).unwrap(),
+            utc("2026-01-01T03:00:00Z")
+        );
+        assert_eq!(
+            daily.next_after(utc("2026-01-01T03:00:00.250Z")).unwrap(),
+            utc("2026-01-02T03:00:00Z")
         );
         let seconds = Schedule::parse("*/10 * * * * *", None).unwrap();
         assert_eq!(

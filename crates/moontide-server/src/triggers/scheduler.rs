@@ -192,14 +192,15 @@ async fn fire_due(
             return Ok(()); // another node claimed it first
         }
         let records = parse(&kvs);
+        // The run still going, if any (skipped records in between do not count).
         let previous = records
             .iter()
             .rev()
-            .find(|(kv, _)| kv.key < key)
+            .find(|(kv, record)| kv.key < key && is_running(record))
             .map(|(kv, record)| ((*kv).clone(), record.clone()));
         let busy = match &previous {
-            Some((_, record)) if is_running(record) => !orphaned(context, record).await?,
-            _ => false,
+            Some((_, record)) => !orphaned(context, record).await?,
+            None => false,
         };
         if busy && schedule.overlap() == Overlap::Queue {
             tokio::time::sleep(QUEUE_POLL).await;
