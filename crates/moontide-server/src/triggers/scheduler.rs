@@ -22,7 +22,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use moontide_schedule::{Overlap, Schedule};
 use moontide_store::{Compare, KeyValue, Membership, Op, Store, StoreError};
 use tokio::sync::oneshot;
@@ -109,15 +109,11 @@ fn jitter_seed(function: &str, due_ms: i64) -> u64 {
     hasher.finish()
 }
 
-async fn sleep_until(time: DateTime<Utc>) {
-    let wait = (time - utc_now()).to_std().unwrap_or(Duration::ZERO);
-    tokio::time::sleep(wait).await;
-}
-
 /// One scheduled function's loop.
 async fn tick(context: Arc<SchedulerContext>, name: String, schedule: Schedule) {
     let schedule = Arc::new(schedule);
     let mut cursor = utc_now();
+    let mut last_sweep = std::time::Instant::now();
     loop {
         let Some(due) = schedule.next_after(cursor) else {
             return;
@@ -127,21 +123,20 @@ async fn tick(context: Arc<SchedulerContext>, name: String, schedule: Schedule) 
                 schedule.jitter(jitter_seed(&name, due.timestamp_millis())),
             )
             .unwrap_or_default();
-        // Sleep until it fires, sweeping for orphans meanwhile.
+        // Sleep until it fires, sweeping for orphans every ORPHAN_SWEEP meanwhile.
         loop {
-            let now = utc_now();
-            if now >= fire {
-                break;
-            }
-            let sweep = now + chrono::Duration::from_std(ORPHAN_SWEEP).unwrap_or_default();
-            if sweep < fire {
-                sleep_until(sweep).await;
+            if last_sweep.elapsed() >= ORPHAN_SWEEP {
+                last_sweep = std::time::Instant::now();
                 if let Err(error) = take_over_orphans(&context, &name, &schedule).await {
                     tracing::warn!(function = %name, %error, "scheduler: orphan sweep failed");
                 }
-            } else {
-                sleep_until(fire).await;
             }
+            let until_fire = (fire - utc_now()).to_std().unwrap_or(Duration::ZERO);
+            if until_fire.is_zero() {
+                break;
+            }
+            let until_sweep = ORPHAN_SWEEP.saturating_sub(last_sweep.elapsed());
+            tokio::time::sleep(until_fire.min(until_sweep)).await;
         }
         if let Err(error) = fire_due(&context, &name, &schedule, due).await {
             tracing::warn!(function = %name, %error, "scheduler: claim failed");
@@ -391,6 +386,7 @@ pub async fn runs_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
     fn the_event_is_the_documented_object() {
