@@ -220,3 +220,64 @@ async fn overlap_skip_never_runs_two_at_once() {
     }
     assert!(skipped >= 1, "no due time was recorded as skipped");
 }
+
+#[tokio::test]
+async fn overlap_queue_runs_one_after_another_and_errors_are_recorded() {
+    let node = Node::start();
+    node.deploy(
+        "queued",
+        r#"return function(event, ctx)
+             print("run " .. event.scheduled_time)
+             local started = os.clock()
+             while os.clock() - started < 2 do end
+             print("end " .. event.scheduled_time)
+           end"#,
+        json!({"schedule": {"cron": "@every 1s", "overlap": "queue"}, "timeout": "10s"}),
+    )
+    .await;
+    node.deploy(
+        "failing",
+        "return function() error('boom') end",
+        json!({"schedule": "@every 1s"}),
+    )
+    .await;
+    let lines = wait_log(&node, "queued", |lines| {
+        lines.iter().filter(|line| line.starts_with("end ")).count() >= 2
+    })
+    .await;
+    let mut running = false;
+    for line in &lines {
+        assert_eq!(
+            line.starts_with("run "),
+            !running,
+            "runs overlapped: {lines:?}"
+        );
+        running = line.starts_with("run ");
+    }
+    let (_, info) = node
+        .admin_json(Method::GET, "/v1/functions/queued", None)
+        .await;
+    let recent = info["recent_runs"].as_array().unwrap();
+    assert!(
+        recent.iter().all(|run| run["state"] != "skipped"),
+        "queue skips nothing it runs: {info}"
+    );
+    let mut failed = None;
+    for _ in 0..TRIES {
+        let (_, info) = node
+            .admin_json(Method::GET, "/v1/functions/failing", None)
+            .await;
+        failed = info["recent_runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|run| run["state"] == "error")
+            .cloned();
+        if failed.is_some() {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let failed = failed.expect("a failed run is recorded");
+    assert_eq!(failed["error"], "function_error", "{failed}");
+}
