@@ -101,7 +101,9 @@ fn utc_now() -> DateTime<Utc> {
     Utc::now()
 }
 
-/// Same on every node: the jitter of one due time.
+/// The randomness of one due time's jitter: the same on every node of one build
+/// (`DefaultHasher::new` has fixed keys; another Rust release may hash differently, which
+/// only spreads runs differently: claims go by due time, not by when a node fires).
 fn jitter_seed(function: &str, due_ms: i64) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     function.hash(&mut hasher);
