@@ -450,10 +450,19 @@ async fn function_info(
         .map_err(|e| ApiError::internal(format!("corrupt version record: {e}")))?;
     let snapshot = state.registry.snapshot();
     let deployed = snapshot.functions.get(name.as_str());
+    let (next_runs, recent_runs) = crate::triggers::scheduler::runs_view(
+        &*state.store,
+        &name,
+        active.config.schedule.as_ref(),
+    )
+    .await?;
     Ok(json_response(
         StatusCode::OK,
         json!({
             "name": head.name,
+            "schedule": active.config.schedule,
+            "next_runs": next_runs,
+            "recent_runs": recent_runs,
             "active_version": head.active_version,
             "latest_version": head.latest_version,
             "created_at_ms": head.created_at_ms,
@@ -680,6 +689,10 @@ async fn remove_function(
                 },
                 Op::DeletePrefix {
                     prefix: records::versions_prefix(&name),
+                },
+                // Its scheduled runs' records go with it.
+                Op::DeletePrefix {
+                    prefix: crate::triggers::runs::runs_prefix(&name),
                 },
             ],
         )

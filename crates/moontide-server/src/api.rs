@@ -67,6 +67,12 @@ impl PluginInput {
                 "a plugin has no route of its own: list it in a route's plugins",
             ));
         }
+        if self.config.schedule.is_some() {
+            errors.push(FieldError::new(
+                "config.schedule",
+                "a plugin runs in a route's requests, not on a schedule",
+            ));
+        }
         config
     }
 }
@@ -111,6 +117,105 @@ pub struct FunctionConfigInput {
     /// Egress allowlist entries of this function only, `CIDR[:PORT]` (see
     /// `moontide_runtime::egress`).
     pub egress_allow: Option<Vec<String>>,
+    /// Runs the function on a schedule (`docs/triggers.md`).
+    pub schedule: Option<ScheduleInput>,
+}
+
+/// `config.schedule` as a client sends it: an expression (`"0 3 * * *"`, `"@daily"`,
+/// `"@every 30s"`) or an object with the options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ScheduleInput {
+    Expression(String),
+    Full(ScheduleObjectInput),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleObjectInput {
+    pub cron: String,
+    pub timezone: Option<String>,
+    pub overlap: Option<String>,
+    pub jitter: Option<DurationInput>,
+}
+
+/// A function's schedule as stored and served (checked when it was deployed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub cron: String,
+    /// IANA name.
+    pub timezone: String,
+    /// `skip` or `queue`.
+    pub overlap: String,
+    #[serde(default)]
+    pub jitter_ms: u64,
+}
+
+impl ScheduleConfig {
+    /// The parsed schedule (`None` only for a record that no longer parses, which
+    /// validation at deploy rules out).
+    pub fn compile(&self) -> Option<moontide_schedule::Schedule> {
+        let schedule = moontide_schedule::Schedule::parse(&self.cron, Some(&self.timezone)).ok()?;
+        let overlap = self.overlap.parse().ok()?;
+        schedule
+            .with_jitter(Duration::from_millis(self.jitter_ms))
+            .ok()
+            .map(|schedule| schedule.with_overlap(overlap))
+    }
+}
+
+impl ScheduleInput {
+    /// Validates (paths under `path`: `config.schedule.timezone`).
+    pub fn resolve(&self, path: &str, errors: &mut Vec<FieldError>) -> Option<ScheduleConfig> {
+        let (cron, timezone, overlap, jitter) = match self {
+            ScheduleInput::Expression(cron) => (cron, None, None, None),
+            ScheduleInput::Full(full) => (
+                &full.cron,
+                full.timezone.as_deref(),
+                full.overlap.as_deref(),
+                full.jitter.as_ref(),
+            ),
+        };
+        let field = |name: &str| match self {
+            ScheduleInput::Expression(_) => path.to_string(),
+            ScheduleInput::Full(_) => format!("{path}.{name}"),
+        };
+        let before = errors.len();
+        let schedule = match moontide_schedule::Schedule::parse(cron, timezone) {
+            Ok(schedule) => Some(schedule),
+            Err(error) => {
+                errors.push(FieldError::new(field(error.field()), error.to_string()));
+                None
+            }
+        };
+        let overlap = match overlap.map(str::parse::<moontide_schedule::Overlap>) {
+            None => moontide_schedule::Overlap::Skip,
+            Some(Ok(overlap)) => overlap,
+            Some(Err(error)) => {
+                errors.push(FieldError::new(field("overlap"), error.to_string()));
+                moontide_schedule::Overlap::Skip
+            }
+        };
+        let mut jitter_ms = 0;
+        duration_field(
+            &jitter.cloned(),
+            &field("jitter"),
+            (Duration::ZERO, moontide_schedule::MAX_JITTER),
+            &mut jitter_ms,
+            errors,
+        );
+        let schedule = schedule?;
+        if errors.len() > before {
+            return None;
+        }
+        Some(ScheduleConfig {
+            cron: schedule.expression().to_string(),
+            timezone: schedule.timezone().to_string(),
+            overlap: overlap.as_str().to_string(),
+            jitter_ms,
+        })
+    }
 }
 
 /// Most egress allowlist entries one function may have.
@@ -154,6 +259,10 @@ pub struct FunctionConfig {
     /// `[::1]:8081`); on top of the node's `serve --egress-allow`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_allow: Vec<String>,
+    /// When the scheduler runs the function (`triggers::scheduler`); absent in records
+    /// stored before schedules existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleConfig>,
 }
 
 /// Defaults of the scaling fields, also used when reading configs stored before they
@@ -209,6 +318,7 @@ impl FunctionConfig {
             "env_keys": self.env.keys().collect::<Vec<_>>(),
             "route": self.route,
             "egress_allow": self.egress_allow,
+            "schedule": self.schedule,
         })
     }
 
@@ -244,6 +354,7 @@ impl Default for FunctionConfig {
             env: BTreeMap::new(),
             route: None,
             egress_allow: Vec::new(),
+            schedule: None,
         }
     }
 }
@@ -403,6 +514,9 @@ impl FunctionConfigInput {
             rules.sort_unstable();
             rules.dedup();
             config.egress_allow = rules.iter().map(ToString::to_string).collect();
+        }
+        if let Some(schedule) = &self.schedule {
+            config.schedule = schedule.resolve(&path("schedule"), errors);
         }
         config
     }
@@ -728,5 +842,69 @@ mod tests {
         let shown = config.redacted().to_string();
         assert!(shown.contains("API_KEY"));
         assert!(!shown.contains("s3cr3t"));
+    }
+
+    fn resolve_json(config: serde_json::Value) -> (FunctionConfig, Vec<FieldError>) {
+        let input: FunctionConfigInput = serde_json::from_value(config).unwrap();
+        let mut errors = Vec::new();
+        let config = input.resolve("config.", &mut errors);
+        (config, errors)
+    }
+
+    #[test]
+    fn schedule_as_text_or_object() {
+        let (config, errors) = resolve_json(serde_json::json!({"schedule": "@every 30s"}));
+        assert!(errors.is_empty(), "{errors:?}");
+        let schedule = config.schedule.unwrap();
+        assert_eq!(
+            (
+                schedule.cron.as_str(),
+                schedule.timezone.as_str(),
+                schedule.overlap.as_str()
+            ),
+            ("@every 30s", "UTC", "skip")
+        );
+        let (config, errors) = resolve_json(serde_json::json!({"schedule": {
+            "cron": "0 3 * * *", "timezone": "Europe/Berlin", "overlap": "queue", "jitter": "10s"
+        }}));
+        assert!(errors.is_empty(), "{errors:?}");
+        let schedule = config.schedule.clone().unwrap();
+        assert_eq!(schedule.jitter_ms, 10_000);
+        assert_eq!(schedule.compile().unwrap().timezone(), "Europe/Berlin");
+        // Stored and read back; a record without the field still reads.
+        let stored = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            serde_json::from_str::<FunctionConfig>(&stored).unwrap(),
+            config
+        );
+        let mut old = serde_json::to_value(FunctionConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("schedule");
+        assert_eq!(
+            serde_json::from_value::<FunctionConfig>(old)
+                .unwrap()
+                .schedule,
+            None
+        );
+    }
+
+    #[test]
+    fn schedule_errors_carry_their_field_path() {
+        let (_, errors) = resolve_json(serde_json::json!({"schedule": {
+            "cron": "0 3 * * *", "timezone": "Mars/Base", "overlap": "later", "jitter": "2h"
+        }}));
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "config.schedule.timezone",
+                "config.schedule.overlap",
+                "config.schedule.jitter"
+            ]
+        );
+        assert_eq!(errors[0].message, "unknown time zone \"Mars/Base\"");
+        let (_, errors) = resolve_json(serde_json::json!({"schedule": "every day"}));
+        assert_eq!(errors[0].path, "config.schedule");
+        let (_, errors) = resolve_json(serde_json::json!({"schedule": {"cron": "@every 0s"}}));
+        assert_eq!(errors[0].path, "config.schedule.cron");
     }
 }

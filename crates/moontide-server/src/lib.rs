@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod pool;
 pub mod records;
 pub mod registry;
+pub mod triggers;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -420,6 +421,18 @@ pub async fn serve(
         shutdown_grace: config.shutdown_grace,
     })?);
 
+    // Scheduled functions: claims and runs on this runtime, calls on the workers.
+    let scheduler = tokio::spawn(triggers::scheduler::run(Arc::new(
+        triggers::scheduler::SchedulerContext {
+            store: store.clone(),
+            membership: cluster.membership.clone(),
+            registry: registry.clone(),
+            workers: workers.clone(),
+            node: cluster.name.clone(),
+            process: rand::random(),
+        },
+    )));
+
     let state = Arc::new(AdminState {
         store,
         registry: registry.clone(),
@@ -465,6 +478,7 @@ pub async fn serve(
         tokio::time::sleep(config.drain_delay).await;
     }
     tracing::info!("shutting down: no new connections; finishing calls in flight");
+    scheduler.abort();
     let _ = stop_workers.send(true);
     let _ = stop_admin.send(());
     let joined = tokio::task::spawn_blocking(move || workers.join());

@@ -221,6 +221,19 @@ enum Command {
         /// it call the node itself.
         #[arg(long = "egress-allow", value_name = "CIDR[:PORT]")]
         egress_allow: Vec<String>,
+        /// Run the function on a schedule: a cron expression ("0 3 * * *", 6 fields with
+        /// seconds first), @hourly, @daily, @weekly, @monthly, @yearly or "@every 30s".
+        #[arg(long, value_name = "CRON")]
+        schedule: Option<String>,
+        /// The schedule's IANA time zone (default UTC), e.g. Europe/Berlin.
+        #[arg(long, value_name = "ZONE", requires = "schedule")]
+        schedule_timezone: Option<String>,
+        /// When a run is due while the previous one still runs: skip (default) or queue.
+        #[arg(long, value_name = "POLICY", requires = "schedule")]
+        schedule_overlap: Option<String>,
+        /// Start each scheduled run up to this long after its time (random), e.g. 30s.
+        #[arg(long, value_name = "DURATION", requires = "schedule")]
+        schedule_jitter: Option<String>,
         /// Return once every live node of the cluster serves the new version (at most
         /// 10s); fail, naming the nodes that do not, if some still don't.
         #[arg(long)]
@@ -396,9 +409,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scaling,
             env,
             egress_allow,
+            schedule,
+            schedule_timezone,
+            schedule_overlap,
+            schedule_jitter,
             wait_cluster,
         } => {
             let mut config = serde_json::Map::new();
+            if let Some(cron) = schedule {
+                let mut schedule = serde_json::Map::new();
+                schedule.insert("cron".into(), json!(cron));
+                if let Some(zone) = schedule_timezone {
+                    schedule.insert("timezone".into(), json!(zone));
+                }
+                if let Some(overlap) = schedule_overlap {
+                    schedule.insert("overlap".into(), json!(overlap));
+                }
+                if let Some(jitter) = schedule_jitter {
+                    schedule.insert("jitter".into(), json!(jitter));
+                }
+                config.insert("schedule".into(), serde_json::Value::Object(schedule));
+            }
             if !egress_allow.is_empty() {
                 config.insert("egress_allow".into(), json!(egress_allow));
             }
