@@ -536,39 +536,8 @@ async fn the_scaling_signal_on_any_node_follows_the_load_on_another() {
     let idle = scaling(b).await;
     assert_eq!(idle["desired_nodes"], 1, "{idle}");
     assert_eq!(idle["live_nodes"], 2, "{idle}");
-    a.deploy(
-        "slow",
-        "local time = require('time')\n\
-         return function() time.sleep(1500) return 'done' end",
-        json!({"max": 16}),
-    )
-    .await;
-
     // Calls pile up on A only; B's answer must say the cluster needs more nodes.
-    let mut raised = None;
-    for _ in 0..20 {
-        let calls: Vec<_> = (0..12)
-            .map(|_| {
-                let http = a.http.clone();
-                let url = a.url("/fn/slow");
-                tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-            })
-            .collect();
-        for _ in 0..30 {
-            let body = scaling(b).await;
-            if body["desired_nodes"].as_u64() > Some(1) {
-                raised = Some(body);
-                break;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        for call in calls {
-            let _ = call.await;
-        }
-        if raised.is_some() {
-            break;
-        }
-    }
+    let raised = common::pile_up_until_scaling_rises(a, b).await;
     let raised = raised.expect("B's signal never followed the load on A");
     let listed = b.admin_json(Method::GET, "/v1/nodes", None).await.1;
     let demand_of = |name: &str| {

@@ -152,39 +152,8 @@ async fn the_scaling_signal_follows_the_load_on_the_node() {
     let idle = wait_admin(&node, "/v1/scaling", |body| body["live_nodes"] == 1).await;
     assert_eq!(idle["desired_nodes"], 1, "{idle}");
     assert_eq!(idle["target_utilization"], 0.7);
-    node.deploy(
-        "slow",
-        "local time = require('time')\n\
-         return function() time.sleep(1500) return 'done' end",
-        json!({"max": 16}),
-    )
-    .await;
-
-    // Keep 12 calls in flight until the signal asks for more nodes.
-    let mut raised = None;
-    for _ in 0..20 {
-        let calls: Vec<_> = (0..12)
-            .map(|_| {
-                let http = node.http.clone();
-                let url = node.url("/fn/slow");
-                tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-            })
-            .collect();
-        for _ in 0..30 {
-            let (_, body) = node.admin_json(Method::GET, "/v1/scaling", None).await;
-            if body["desired_nodes"].as_u64() > Some(1) {
-                raised = Some(body);
-                break;
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        for call in calls {
-            let _ = call.await;
-        }
-        if raised.is_some() {
-            break;
-        }
-    }
+    // Keep calls in flight until the signal asks for more nodes.
+    let raised = common::pile_up_until_scaling_rises(&node, &node).await;
     let raised = raised.expect("the signal never asked for a second node under load");
     assert!(raised["demand"].as_f64().unwrap() > 0.7, "{raised}");
     let metrics = node.metrics().await;

@@ -305,3 +305,44 @@ pub fn http_client() -> reqwest::Client {
     moontide_runtime::install_crypto_provider();
     reqwest::Client::new()
 }
+
+/// Deploys `slow` (each call sleeps 1.5 s) on `loaded` and keeps 12 of its calls in
+/// flight, batch after batch (at most 20), until `watched`'s `GET /v1/scaling` asks for
+/// more than one node; returns that answer, or `None` if it never did.
+pub async fn pile_up_until_scaling_rises(loaded: &Node, watched: &Node) -> Option<Value> {
+    loaded
+        .deploy(
+            "slow",
+            "local time = require('time')\n\
+             return function() time.sleep(1500) return 'done' end",
+            serde_json::json!({"max": 16}),
+        )
+        .await;
+    for _ in 0..20 {
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let http = loaded.http.clone();
+                let url = loaded.url("/fn/slow");
+                tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+            })
+            .collect();
+        let mut raised = None;
+        for _ in 0..30 {
+            let (_, body) = watched
+                .admin_json(reqwest::Method::GET, "/v1/scaling", None)
+                .await;
+            if body["desired_nodes"].as_u64() > Some(1) {
+                raised = Some(body);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for call in calls {
+            let _ = call.await;
+        }
+        if raised.is_some() {
+            return raised;
+        }
+    }
+    None
+}
